@@ -1,0 +1,16 @@
+//! `till-protocol`: what Till's daemon and its callers agree on, with no I/O.
+//!
+//! Layout:
+//! - [`message`]: the native protocol's `Request`/`Response` enums, framing constants, error codes.
+//! - [`token`]: the capability token: claims, byte layout (docs/TOKEN.md), ed25519 sign and verify.
+//! - [`scope`]: the `METHOD /path/*/**` rule grammar, request-path validation, matching, containment.
+//! - [`paths`]: where the daemon's socket is by default, shared by the daemon and the CLI.
+
+pub mod message;
+pub mod paths;
+pub mod scope;
+pub mod token;
+
+pub use message::*;
+pub use scope::{Method, Pattern, RequestPath, Rule, ScopeError};
+pub use token::{Claims, KeyId, Token, TokenError, TokenId};

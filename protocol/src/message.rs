@@ -1,0 +1,381 @@
+//! Wire messages of the native protocol. One frame = a 4-byte big-endian length + one JSON message.
+//!
+//! The client's first frame is always [`Request::Hello`]; the daemon answers [`Response::Hello`] or an
+//! [`ErrorCode::VersionMismatch`] error and closes. After that, one request gets exactly one response,
+//! in order.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped by hand whenever a message changes incompatibly.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hard limit on one frame, checked against the length prefix before anything is allocated.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Hello(Hello),
+    Status,
+    Services,
+    Mint(MintRequest),
+    Call(CallRequest),
+    Tokens(TokensRequest),
+    Inspect(InspectRequest),
+    Revoke(RevokeRequest),
+    Pubkey,
+    Audit(AuditRequest),
+}
+
+impl Request {
+    /// The verb, for logs and spans (never the payload).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "hello",
+            Request::Status => "status",
+            Request::Services => "services",
+            Request::Mint(_) => "mint",
+            Request::Call(_) => "call",
+            Request::Tokens(_) => "tokens",
+            Request::Inspect(_) => "inspect",
+            Request::Revoke(_) => "revoke",
+            Request::Pubkey => "pubkey",
+            Request::Audit(_) => "audit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello(HelloReply),
+    Status(StatusReply),
+    Services(ServicesReply),
+    Minted(MintReply),
+    Called(CallReply),
+    Tokens(TokensReply),
+    Token(TokenInfo),
+    Revoked(RevokeReply),
+    Pubkey(PubkeyReply),
+    Audit(AuditReply),
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// The client's own name and version, e.g. "till 0.1.0" (informational).
+    pub client: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol_version: u32,
+    pub daemon_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub socket: String,
+    pub gateway: Option<String>,
+    pub live_tokens: u64,
+    pub services: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServicesReply {
+    pub services: Vec<ServiceInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub base_url: String,
+    /// How the credential is injected, e.g. "header Authorization" or "query key" (never the secret).
+    pub inject: String,
+    pub allow: Vec<String>,
+    pub max_uses: u32,
+    pub max_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintRequest {
+    pub service: String,
+    /// Rules `METHOD /pattern`; empty means the service's whole ceiling.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    pub uses: Option<u32>,
+    pub ttl_secs: Option<u64>,
+    pub note: Option<String>,
+    /// Bind the token to the minting peer's uid: no other uid can spend it.
+    #[serde(default)]
+    pub bind_to_peer: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MintReply {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallRequest {
+    /// The capability token to spend. Without it, `service` must be set and the daemon mints a
+    /// one-shot token for exactly this method and path, then spends it.
+    pub token: Option<String>,
+    pub service: Option<String>,
+    pub method: String,
+    /// Path and optional query, appended to the service's base URL: `/v1/models?limit=2`.
+    pub path: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default, with = "base64_bytes")]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+    pub token_id: String,
+    pub activations_remaining: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensRequest {
+    /// Include spent, expired and revoked tokens.
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokensReply {
+    pub tokens: Vec<TokenInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectRequest {
+    /// A whole token or a token id.
+    pub token_or_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    Live,
+    Spent,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Live => "live",
+            TokenState::Spent => "spent",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+/// A token's claims and live state. Never contains the token string itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub service: String,
+    pub rules: Vec<String>,
+    pub uses: u32,
+    pub used: u32,
+    pub remaining: u32,
+    pub state: TokenState,
+    pub issued_at: u64,
+    pub expires_at: Option<u64>,
+    pub key_id: String,
+    pub parent: Option<String>,
+    pub holder_uid: Option<u32>,
+    pub minted_by_uid: Option<u32>,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub target: RevokeTarget,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeTarget {
+    /// A whole token or a token id.
+    Token(String),
+    Service(String),
+    All,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeReply {
+    pub revoked: Vec<TokenInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PubkeyReply {
+    pub keys: Vec<PublicKeyInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublicKeyInfo {
+    pub key_id: String,
+    /// The 32-byte ed25519 public key, base64url without padding.
+    pub public_key: String,
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRequest {
+    /// The last N events (default 100).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditReply {
+    /// Raw JSON lines, oldest first.
+    pub lines: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    /// One sentence the caller can act on. Never contains a secret or a whole token.
+    pub message: String,
+}
+
+/// Stable error codes. Adding one is compatible; renaming one is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    VersionMismatch,
+    BadFrame,
+    BadRequest,
+    BadToken,
+    UnknownToken,
+    Expired,
+    Revoked,
+    Exhausted,
+    OutOfScope,
+    WrongService,
+    WrongHolder,
+    UnknownService,
+    OverCeiling,
+    Forbidden,
+    UpstreamFailed,
+    Internal,
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::UnknownToken => "unknown_token",
+            ErrorCode::Expired => "expired",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::Exhausted => "exhausted",
+            ErrorCode::OutOfScope => "out_of_scope",
+            ErrorCode::WrongService => "wrong_service",
+            ErrorCode::WrongHolder => "wrong_holder",
+            ErrorCode::UnknownService => "unknown_service",
+            ErrorCode::OverCeiling => "over_ceiling",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UpstreamFailed => "upstream_failed",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Bodies travel as base64 strings so binary payloads survive JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Encodes one frame: length prefix + JSON.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising our own types to JSON cannot fail (no maps with non-string keys, no floats).
+    let json = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(json.len() + 4);
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixtures_round_trip() {
+        let fixtures = [
+            r#"{"type":"hello","protocol_version":1,"client":"till 0.1.0"}"#,
+            r#"{"type":"status"}"#,
+            r#"{"type":"mint","service":"openai","allow":["GET /v1/models"],"uses":3,"ttl_secs":60,"note":null,"bind_to_peer":false}"#,
+            r#"{"type":"call","token":null,"service":"echo","method":"POST","path":"/v1/x","headers":[["a","b"]],"body":"aGk="}"#,
+            r#"{"type":"revoke","target":"all"}"#,
+            r#"{"type":"revoke","target":{"service":"openai"}}"#,
+            r#"{"type":"audit","limit":5}"#,
+        ];
+        for f in fixtures {
+            let req: Request = serde_json::from_str(f).expect(f);
+            let again = serde_json::to_string(&req).expect("ser");
+            let req2: Request = serde_json::from_str(&again).expect("again");
+            assert_eq!(req.verb(), req2.verb());
+        }
+        let call: Request = serde_json::from_str(fixtures[3]).expect("call");
+        match call {
+            Request::Call(c) => assert_eq!(c.body, b"hi"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_refused() {
+        for f in [
+            r#"{"type":"mint","service":"x","bogus":1}"#,
+            r#"{"type":"launch_missiles"}"#,
+            r#"{"type":"call","method":"GET","path":"/","body":"***"}"#,
+            r#"[1,2,3]"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(f).is_err(), "{f}");
+        }
+    }
+
+    #[test]
+    fn frame_has_length_prefix() {
+        let f = encode_frame(&Request::Status);
+        let len = u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize;
+        assert_eq!(len, f.len() - 4);
+    }
+}
