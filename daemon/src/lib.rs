@@ -1,0 +1,137 @@
+//! `tilld`: the daemon that holds the real API keys and never hands them out.
+//!
+//! Layout:
+//! - [`config`], [`presets`], [`secret`]: `till.toml`, the built-in services, master credentials.
+//! - [`signing`]: the ed25519 key that signs tokens.
+//! - [`store`]: durable token state in redb, written by a group-committing thread.
+//! - [`audit`]: the hash-chained trail, written by its own thread.
+//! - [`broker`]: shared state and the rules; [`handlers`]: one file per request kind.
+//! - [`proxy`]: the upstream call, key injection, scrubbing.
+//! - [`server`]: the native socket; [`peer`]: who is calling.
+//! - [`sys`]: the only `unsafe` (process hardening).
+//!
+//! [`run`] is what `main` calls after binding, and what tests could call with their own listener.
+
+pub mod audit;
+pub mod broker;
+pub mod config;
+pub mod handlers;
+pub mod peer;
+pub mod presets;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod signing;
+pub mod store;
+pub mod sys;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{Audit, Event, EventKind, PeerJson};
+use crate::broker::Broker;
+use crate::config::Loaded;
+use crate::peer::Peer;
+
+/// How long shutdown waits for requests in flight.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Creates `dir` (and parents) 0700 if it does not exist. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+/// Tells systemd (or a test) that the daemon is ready, when `$NOTIFY_SOCKET` is set.
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let result = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
+pub async fn run(loaded: Loaded, listener: UnixListener, shutdown: CancellationToken) -> Result<()> {
+    let cfg = &loaded.config;
+    create_private_dir(&cfg.state_dir)?;
+    let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
+    let (store, records, store_thread) = store::Store::open(&cfg.state_dir)?;
+    let (audit, audit_thread) = Audit::open(&cfg.audit_log)?;
+    let socket = cfg.socket.clone();
+    let broker = Broker::new(loaded, keyring, store, audit.clone(), records)?;
+    let me = PeerJson::from(&Peer::daemon());
+    audit
+        .record(
+            EventKind::Start,
+            Event {
+                peer: Some(me.clone()),
+                reason: Some(format!(
+                    "tilld {} serving {} service(s)",
+                    env!("CARGO_PKG_VERSION"),
+                    broker.services.len()
+                )),
+                ..Event::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let tracker = TaskTracker::new();
+    tracing::info!(socket = %socket.display(), services = broker.services.len(), "tilld ready");
+    notify("READY=1");
+    server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;
+
+    notify("STOPPING=1");
+    tracing::info!("shutting down: finishing requests in flight");
+    tracker.close();
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait()).await.is_ok();
+    let _ = audit
+        .record(
+            EventKind::Stop,
+            Event {
+                peer: Some(me),
+                reason: Some(if drained { "clean shutdown" } else { "shutdown after the drain deadline" }.into()),
+                ..Event::default()
+            },
+        )
+        .await;
+    let _ = std::fs::remove_file(&socket);
+    drop(broker);
+    drop(audit);
+    if drained {
+        // Every sender is gone, so both threads finish their last batch and return.
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = store_thread.join();
+            let _ = audit_thread.join();
+        })
+        .await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,88 @@
-fn main() {}
+//! `tilld`: parse flags, install tracing, harden the process, load config, bind, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tilld::config::Config;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// Till's daemon: holds your real API keys and lets agents use them through capability tokens.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file (else $TILL_CONFIG, else the default path, else built-in defaults).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the config and every secret source, then exit 0 (valid) or 1.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TILL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tilld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: Args) -> Result<()> {
+    tilld::sys::harden().context("cannot make the process non-dumpable")?;
+    let uid = tilld::sys::uid();
+    let config = Config::resolve(args.config.as_deref(), uid)?;
+    if args.check {
+        let n = config.services.len();
+        let source = config
+            .source
+            .as_ref()
+            .map_or("built-in defaults".to_string(), |p| p.display().to_string());
+        config.load_secrets()?;
+        println!("{source}: OK ({n} service(s), every secret readable)");
+        return Ok(());
+    }
+    if config.services.is_empty() {
+        tracing::warn!(
+            "no services configured: set a provider key (e.g. OPENAI_API_KEY) in tilld's environment \
+             or write a till.toml"
+        );
+    }
+    let loaded = config.load_secrets()?;
+    // reqwest is built without a default crypto provider; ring is the one we ship.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (listener, _lock) = tilld::server::bind(&loaded.config.socket)?;
+        let shutdown = CancellationToken::new();
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => tracing::warn!("SIGHUP: live reload is not built yet; restart tilld to apply a new config"),
+                }
+            }
+            s.cancel();
+        });
+        tilld::run(loaded, listener, shutdown).await
+    })
+}

@@ -1,0 +1,303 @@
+//! The audit trail: one JSON object per line, hash-chained, appended by a writer thread.
+//!
+//! Each line's `hash` is SHA-256 over the line as it reads without its `hash` field (that is, the
+//! JSON object ending in `"prev":"…"}`), and `prev` is the hash of the line before, so an edited,
+//! removed or reordered line breaks the chain from there on. The writer owns the file; callers send
+//! an event and wait for the line to be written (`write(2)`, which survives a crash of the daemon)
+//! before they reply or act. A failed write fails the request: no audit, no activation.
+//!
+//! Events never carry a secret, a whole token, a request body or a query string.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::peer::Peer;
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Mint,
+    Activate,
+    Deny,
+    Revoke,
+    Reload,
+    Start,
+    Stop,
+    Alert,
+}
+
+/// One event before it is numbered and chained.
+#[derive(Debug, Clone, Default)]
+pub struct Event {
+    pub token_id: Option<String>,
+    pub service: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub status: Option<u16>,
+    pub peer: Option<PeerJson>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerJson {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    pub exe: Option<String>,
+}
+
+impl From<&Peer> for PeerJson {
+    fn from(p: &Peer) -> Self {
+        PeerJson {
+            uid: p.uid,
+            pid: p.pid,
+            exe: p.exe.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    ts: String,
+    event: EventKind,
+    token_id: &'a Option<String>,
+    service: &'a Option<String>,
+    method: &'a Option<String>,
+    path: &'a Option<String>,
+    status: Option<u16>,
+    peer: &'a Option<PeerJson>,
+    reason: &'a Option<String>,
+    prev: &'a str,
+}
+
+struct Job {
+    kind: EventKind,
+    event: Event,
+    ack: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::UnboundedSender<Job>,
+    path: PathBuf,
+}
+
+impl Audit {
+    /// Opens the trail for appending, continuing the chain from its last line.
+    pub fn open(path: &Path) -> Result<(Audit, JoinHandle<()>)> {
+        if let Some(dir) = path.parent() {
+            crate::create_private_dir(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot open the audit trail {}", path.display()))?;
+        let (seq, prev) = last_link(&mut file)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = std::thread::Builder::new()
+            .name("till-audit".into())
+            .spawn(move || writer(file, seq, prev, rx))?;
+        Ok((
+            Audit {
+                tx,
+                path: path.to_owned(),
+            },
+            handle,
+        ))
+    }
+
+    /// Appends an event and waits until it is written.
+    pub async fn record(&self, kind: EventKind, event: Event) -> Result<(), String> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(Job { kind, event, ack })
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the audit writer has stopped".into()))
+    }
+
+    /// The last `n` lines of the trail, oldest first.
+    pub async fn tail(&self, n: usize) -> Result<Vec<String>, String> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(n);
+            Ok(lines[start..].iter().map(|l| (*l).to_owned()).collect())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Finds the seq and hash of the last complete line, to continue the chain after a restart.
+fn last_link(file: &mut File) -> Result<(u64, String)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((0, GENESIS.into()));
+    }
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.read_to_string(&mut tail)?;
+    let last = tail.lines().rev().find(|l| !l.trim().is_empty());
+    let parsed = last.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    match parsed {
+        Some(v) => {
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            let hash = v["hash"].as_str().unwrap_or(GENESIS).to_owned();
+            Ok((seq, hash))
+        }
+        None => {
+            tracing::error!("the audit trail's last line is unreadable; the chain restarts here");
+            Ok((0, GENESIS.into()))
+        }
+    }
+}
+
+/// Serialises one event into its chained line. Returns the line (with newline) and its hash.
+fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, String) {
+    let line = Line {
+        seq,
+        ts: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        event: kind,
+        token_id: &e.token_id,
+        service: &e.service,
+        method: &e.method,
+        path: &e.path,
+        status: e.status,
+        peer: &e.peer,
+        reason: &e.reason,
+        prev,
+    };
+    let body = serde_json::to_string(&line).unwrap_or_default();
+    let hash = hex(&Sha256::digest(body.as_bytes()));
+    let mut out = String::with_capacity(body.len() + 80);
+    out.push_str(&body[..body.len() - 1]);
+    out.push_str(",\"hash\":\"");
+    out.push_str(&hash);
+    out.push_str("\"}\n");
+    (out, hash)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Checks a whole trail's chain; returns the number of lines, or the 1-based number of the first
+/// bad line and why.
+pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
+    let mut prev = GENESIS.to_string();
+    let mut expected_seq: Option<u64> = None;
+    let mut count = 0;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some(cut) = line.rfind(",\"hash\":\"") else {
+            return Err((n, "no hash field".into()));
+        };
+        let body = format!("{}}}", &line[..cut]);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| (n, format!("not JSON: {e}")))?;
+        let claimed = v["hash"].as_str().unwrap_or("");
+        if hex(&Sha256::digest(body.as_bytes())) != claimed {
+            return Err((n, "the line was edited: its hash does not match its content".into()));
+        }
+        let line_prev = v["prev"].as_str().unwrap_or("");
+        let seq = v["seq"].as_u64().unwrap_or(0);
+        if line_prev != prev {
+            return Err((n, "the chain breaks here: a line before it was removed, inserted or reordered".into()));
+        }
+        if let Some(exp) = expected_seq
+            && seq != exp
+        {
+            return Err((n, format!("sequence {seq} where {exp} was expected")));
+        }
+        expected_seq = Some(seq + 1);
+        prev = claimed.to_owned();
+        count += 1;
+    }
+    Ok(count)
+}
+
+fn writer(mut file: File, mut seq: u64, mut prev: String, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut batch = Vec::new();
+    let mut buf = String::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        buf.clear();
+        let (start_seq, start_prev) = (seq, prev.clone());
+        for job in &batch {
+            seq += 1;
+            let (line, hash) = chain_line(seq, job.kind, &job.event, &prev);
+            buf.push_str(&line);
+            prev = hash;
+        }
+        // One write for the whole batch: lines from concurrent requests are never interleaved.
+        let result = file.write_all(buf.as_bytes()).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+            "the audit trail could not be written".to_string()
+        });
+        if result.is_err() {
+            // Nothing of the batch counts: continue the chain from where it was.
+            seq = start_seq;
+            prev = start_prev;
+        }
+        for job in batch.drain(..) {
+            let _ = job.ack.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trail(n: u64) -> String {
+        let mut prev = GENESIS.to_string();
+        let mut out = String::new();
+        for seq in 1..=n {
+            let e = Event {
+                token_id: Some(format!("t{seq}")),
+                ..Event::default()
+            };
+            let (line, hash) = chain_line(seq, EventKind::Mint, &e, &prev);
+            out.push_str(&line);
+            prev = hash;
+        }
+        out
+    }
+
+    #[test]
+    fn untouched_trail_verifies_and_edits_do_not() {
+        let t = trail(5);
+        assert_eq!(verify_chain(&t), Ok(5));
+        let lines: Vec<&str> = t.lines().collect();
+        let edited = t.replacen("\"t3\"", "\"t9\"", 1);
+        assert_eq!(verify_chain(&edited).map_err(|e| e.0), Err(3));
+        let removed: String = lines.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| format!("{l}\n")).collect();
+        assert_eq!(verify_chain(&removed).map_err(|e| e.0), Err(2));
+        let swapped = format!("{}\n{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3], lines[4]);
+        assert_eq!(verify_chain(&swapped).map_err(|e| e.0), Err(2));
+    }
+}

@@ -1,0 +1,307 @@
+//! The broker's shared state and the rules every adapter goes through.
+//!
+//! [`Broker`] is a cheap clonable handle. Token state lives in one `std::sync::Mutex<HashMap>`;
+//! critical sections are a lookup and a few integer updates, and the lock is never held across an
+//! `.await`. The store job for a change is queued while the lock is held, so the store sees changes
+//! in the order they happened (see `store.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use till_protocol::{
+    Claims, ErrorCode, ErrorReply, Response, TokenId, TokenInfo, TokenState,
+};
+
+use crate::audit::{Audit, Event, EventKind, PeerJson};
+use crate::config::{Config, Loaded, ServiceConfig};
+use crate::peer::Peer;
+use crate::proxy::{self, Scrubber};
+use crate::secret::Secret;
+use crate::signing::Keyring;
+use crate::store::{Durable, Store, TokenRecord};
+
+/// A handler's refusal: a stable code and one sentence the caller can act on. It never holds a
+/// secret, a whole token or an internal cause chain (those go to the daemon's log).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Refusal {
+        Refusal::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Refusal {
+        Refusal::new(ErrorCode::Internal, message)
+    }
+
+    pub fn into_response(self) -> Response {
+        Response::Error(ErrorReply {
+            code: self.code,
+            message: self.message,
+        })
+    }
+}
+
+/// One service as served: its config, key, scrubber and HTTP client.
+pub struct Service {
+    pub config: ServiceConfig,
+    pub secret: Secret,
+    pub scrubber: Scrubber,
+    pub client: reqwest::Client,
+}
+
+pub struct Inner {
+    pub config: Config,
+    pub services: BTreeMap<String, Service>,
+    pub keyring: Keyring,
+    pub store: Store,
+    pub audit: Audit,
+    pub started: Instant,
+    tokens: Mutex<HashMap<TokenId, TokenRecord>>,
+}
+
+#[derive(Clone)]
+pub struct Broker(Arc<Inner>);
+
+impl std::ops::Deref for Broker {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Broker {
+    pub fn new(
+        loaded: Loaded,
+        keyring: Keyring,
+        store: Store,
+        audit: Audit,
+        records: Vec<TokenRecord>,
+    ) -> anyhow::Result<Broker> {
+        let Loaded { config, mut secrets } = loaded;
+        let mut services = BTreeMap::new();
+        for (name, svc) in &config.services {
+            let secret = secrets
+                .remove(name)
+                .ok_or_else(|| anyhow::anyhow!("service {name} has no loaded secret"))?;
+            services.insert(
+                name.clone(),
+                Service {
+                    scrubber: Scrubber::new(&secret, &svc.inject),
+                    client: proxy::client_for(svc)?,
+                    config: svc.clone(),
+                    secret,
+                },
+            );
+        }
+        let tokens = records
+            .into_iter()
+            .map(|r| (TokenId(r.id), r))
+            .collect();
+        Ok(Broker(Arc::new(Inner {
+            config,
+            services,
+            keyring,
+            store,
+            audit,
+            started: Instant::now(),
+            tokens: Mutex::new(tokens),
+        })))
+    }
+
+    /// The token table. Poisoning is ignored: every critical section leaves the map consistent.
+    pub fn tokens(&self) -> MutexGuard<'_, HashMap<TokenId, TokenRecord>> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_admin(&self, peer: &Peer) -> bool {
+        self.config.admin_uids.contains(&peer.uid)
+    }
+
+    pub fn require_admin(&self, peer: &Peer, what: &str) -> Result<(), Refusal> {
+        if self.is_admin(peer) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{what} is an admin operation and uid {} is not in daemon.admin_uids; \
+                     run it as an admin user",
+                    peer.uid
+                ),
+            ))
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Service, Refusal> {
+        self.services.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+            Refusal::new(
+                ErrorCode::UnknownService,
+                format!(
+                    "no service named {name:?} is configured (configured: {}); `till services` lists them",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                ),
+            )
+        })
+    }
+
+    /// Appends an audit event; a failure becomes a refusal (fail closed).
+    pub async fn audit(&self, kind: EventKind, event: Event) -> Result<(), Refusal> {
+        self.audit.record(kind, event).await.map_err(|e| {
+            Refusal::internal(format!("{e}; Till refuses to act without an audit record"))
+        })
+    }
+
+    /// Records a denial in the trail and returns the refusal to send back.
+    pub async fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
+        event.peer = Some(PeerJson::from(peer));
+        event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
+        if let Err(e) = self.audit.record(EventKind::Deny, event).await {
+            tracing::error!(error = %e, "could not audit a denial");
+        }
+        refusal
+    }
+
+    /// Inserts a new record and queues it for the store (durable with the next durable batch).
+    pub fn insert(&self, record: TokenRecord) {
+        let mut map = self.tokens();
+        self.store.put(&record);
+        map.insert(TokenId(record.id), record);
+    }
+
+    /// Checks a token's state and takes one activation, queueing the new count for a durable
+    /// commit. `fresh` is inserted first (a one-shot token minted for this request). Returns the
+    /// pending commit and the activations left after this one.
+    pub fn reserve(
+        &self,
+        id: TokenId,
+        fresh: Option<TokenRecord>,
+    ) -> Result<(Durable, u32), Refusal> {
+        let now = now_secs();
+        let mut map = self.tokens();
+        if let Some(rec) = fresh {
+            map.insert(id, rec);
+        }
+        let rec = map.get_mut(&id).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::UnknownToken,
+                "this token is not in the daemon's records (it may have been minted just before a \
+                 crash, or by another daemon); mint a new one",
+            )
+        })?;
+        match rec.state(now) {
+            TokenState::Live => {}
+            TokenState::Revoked => {
+                return Err(Refusal::new(
+                    ErrorCode::Revoked,
+                    "this token was revoked; ask for a new one",
+                ));
+            }
+            TokenState::Expired => {
+                return Err(Refusal::new(
+                    ErrorCode::Expired,
+                    "this token has expired; mint a new one (with a longer --ttl if needed)",
+                ));
+            }
+            TokenState::Spent => {
+                return Err(Refusal::new(
+                    ErrorCode::Exhausted,
+                    format!(
+                        "this token's {} activation(s) are all spent; mint a new one, or ask your \
+                         user for more activations",
+                        rec.uses
+                    ),
+                ));
+            }
+        }
+        rec.used += 1;
+        let remaining = rec.uses - rec.used;
+        Ok((self.store.put_durable(rec), remaining))
+    }
+
+    /// Gives back an activation whose durable commit failed (nothing was sent upstream).
+    pub fn unreserve(&self, id: TokenId) {
+        let mut map = self.tokens();
+        if let Some(rec) = map.get_mut(&id) {
+            rec.used = rec.used.saturating_sub(1);
+            self.store.put(rec);
+        }
+    }
+}
+
+impl TokenRecord {
+    pub fn from_claims(c: &Claims, minted_by: &Peer, note: Option<String>) -> TokenRecord {
+        TokenRecord {
+            id: c.id.0,
+            key_id: c.key_id.to_string(),
+            service: c.service.clone(),
+            rules: c.rules.iter().map(ToString::to_string).collect(),
+            uses: c.uses,
+            used: 0,
+            issued_at: c.issued_at,
+            expires_at: c.expires_at,
+            parent: c.parent.map(|p| p.0),
+            holder_uid: c.holder_uid,
+            minted_by_uid: Some(minted_by.uid),
+            note,
+            revoked_at: None,
+        }
+    }
+
+    pub fn state(&self, now: u64) -> TokenState {
+        if self.revoked_at.is_some() {
+            TokenState::Revoked
+        } else if self.used >= self.uses {
+            TokenState::Spent
+        } else if self.expires_at.is_some_and(|e| now >= e) {
+            TokenState::Expired
+        } else {
+            TokenState::Live
+        }
+    }
+
+    pub fn info(&self, now: u64) -> TokenInfo {
+        TokenInfo {
+            id: TokenId(self.id).to_string(),
+            service: self.service.clone(),
+            rules: self.rules.clone(),
+            uses: self.uses,
+            used: self.used,
+            remaining: self.uses.saturating_sub(self.used),
+            state: self.state(now),
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            key_id: self.key_id.clone(),
+            parent: self.parent.map(|p| TokenId(p).to_string()),
+            holder_uid: self.holder_uid,
+            minted_by_uid: self.minted_by_uid,
+            note: self.note.clone(),
+        }
+    }
+}
+
+pub fn new_token_id() -> Result<TokenId, Refusal> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|_| Refusal::internal("the system gave no randomness"))?;
+    Ok(TokenId(id))
+}

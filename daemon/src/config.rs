@@ -1,0 +1,466 @@
+//! `till.toml`: parsed once with `deny_unknown_fields`, then validated into [`Config`].
+//!
+//! Resolution: `--config PATH`, else `$TILL_CONFIG`, else the default file (if it exists), else the
+//! built-in defaults, which serve a preset for every provider key found in the daemon's environment.
+//! Loading is all-or-nothing: a config whose secrets cannot all be read is an error, never half-served.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use reqwest::Url;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use till_protocol::{Rule, paths};
+
+use crate::presets::{self, PRESETS};
+use crate::secret::{Secret, SecretSource};
+
+const DEFAULT_MAX_USES: u32 = 100;
+const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    daemon: DaemonSection,
+    #[serde(default)]
+    defaults: DefaultsSection,
+    #[serde(default)]
+    services: BTreeMap<String, ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonSection {
+    socket: Option<PathBuf>,
+    mcp_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    gateway: Option<String>,
+    admin_uids: Option<Vec<u32>>,
+    max_body: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultsSection {
+    uses: Option<u32>,
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    preset: Option<String>,
+    base_url: Option<String>,
+    inject: Option<InjectSection>,
+    secret: Option<SecretSource>,
+    allow: Option<Vec<String>>,
+    max_uses: Option<u32>,
+    max_ttl: Option<String>,
+    #[serde(default)]
+    insecure_http: bool,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+/// `{ header = "Authorization", value = "Bearer {secret}" }`, `{ query = "key" }` or
+/// `{ basic_user = "api" }` (HTTP basic auth with the secret as password).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectSection {
+    header: Option<String>,
+    value: Option<String>,
+    query: Option<String>,
+    basic_user: Option<String>,
+}
+
+/// How the master credential is put on an upstream request.
+#[derive(Debug, Clone)]
+pub enum Inject {
+    /// A header whose value is `template` with `{secret}` replaced.
+    Header { name: HeaderName, template: String },
+    Query { param: String },
+    Basic { user: String },
+}
+
+impl Inject {
+    pub fn describe(&self) -> String {
+        match self {
+            Inject::Header { name, .. } => format!("header {name}"),
+            Inject::Query { param } => format!("query parameter {param}"),
+            Inject::Basic { user } => format!("basic auth as {user}"),
+        }
+    }
+}
+
+/// A validated service. Holds where the secret comes from, never the secret.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Scheme, host, port and an optional path prefix. Its origin is where the key may go.
+    pub base_url: Url,
+    pub inject: Inject,
+    pub secret: SecretSource,
+    pub allow: Vec<Rule>,
+    pub max_uses: u32,
+    pub max_ttl: Duration,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub default_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub mcp_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub gateway: Option<SocketAddr>,
+    pub admin_uids: Vec<u32>,
+    pub default_uses: u32,
+    pub default_ttl: Duration,
+    pub max_body: usize,
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// The file this came from; `None` for the built-in defaults.
+    pub source: Option<PathBuf>,
+}
+
+/// A config with every secret read: what the daemon serves.
+pub struct Loaded {
+    pub config: Config,
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+impl Config {
+    /// Finds and parses the config (see the module docs for the order).
+    pub fn resolve(explicit: Option<&Path>, uid: u32) -> Result<Config> {
+        if let Some(path) = explicit {
+            return Config::from_file(path);
+        }
+        if let Some(path) = std::env::var_os("TILL_CONFIG").filter(|v| !v.is_empty()) {
+            return Config::from_file(Path::new(&path));
+        }
+        let default = paths::default_config_file(uid);
+        if default.exists() {
+            return Config::from_file(&default);
+        }
+        Config::builtin(uid)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg = Config::parse(&text, crate::sys::uid())
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        cfg.source = Some(path.to_owned());
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, uid: u32) -> Result<Config> {
+        // toml's error names the unknown or mistyped key with its line and column.
+        let file: FileConfig = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        build(file, uid)
+    }
+
+    /// The built-in defaults: a preset service for every provider key in the environment.
+    pub fn builtin(uid: u32) -> Result<Config> {
+        let mut file = FileConfig::default();
+        for preset in PRESETS {
+            if let Some(var) = preset
+                .env
+                .iter()
+                .find(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+            {
+                file.services.insert(
+                    preset.name.to_owned(),
+                    ServiceSection {
+                        preset: Some(preset.name.to_owned()),
+                        base_url: None,
+                        inject: None,
+                        secret: Some(SecretSource::env(var)),
+                        allow: None,
+                        max_uses: None,
+                        max_ttl: None,
+                        insecure_http: false,
+                        timeout: None,
+                        connect_timeout: None,
+                    },
+                );
+            }
+        }
+        build(file, uid)
+    }
+
+    /// Reads every service's secret. All or nothing.
+    pub fn load_secrets(self) -> Result<Loaded> {
+        let mut secrets = BTreeMap::new();
+        for (name, svc) in &self.services {
+            let secret = svc
+                .secret
+                .load()
+                .with_context(|| format!("service {name}: cannot load its secret"))?;
+            secrets.insert(name.clone(), secret);
+        }
+        Ok(Loaded {
+            config: self,
+            secrets,
+        })
+    }
+}
+
+fn duration(key: &str, value: &Option<String>, default: Duration) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(s) => {
+            let d = humantime::parse_duration(s)
+                .map_err(|e| anyhow!("{key} = {s:?}: {e} (write e.g. \"30s\", \"15m\", \"1h\")"))?;
+            if d.is_zero() {
+                bail!("{key} must be longer than zero");
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn build(file: FileConfig, uid: u32) -> Result<Config> {
+    let d = file.daemon;
+    let socket = d.socket.unwrap_or_else(|| paths::default_socket(uid));
+    let mcp_socket = d
+        .mcp_socket
+        .unwrap_or_else(|| paths::mcp_socket_beside(&socket));
+    let state_dir = d.state_dir.unwrap_or_else(|| paths::default_state_dir(uid));
+    let audit_log = d.audit_log.unwrap_or_else(|| state_dir.join("audit.jsonl"));
+    let gateway = match d.gateway {
+        None => None,
+        Some(g) => {
+            let addr: SocketAddr = g
+                .parse()
+                .map_err(|_| anyhow!("daemon.gateway = {g:?}: write an address like \"127.0.0.1:8719\""))?;
+            if !addr.ip().is_loopback() {
+                bail!("daemon.gateway = {g:?}: the gateway listens on loopback only (127.0.0.1 or ::1)");
+            }
+            Some(addr)
+        }
+    };
+    let mut admin_uids = d.admin_uids.unwrap_or_else(|| vec![0, uid]);
+    admin_uids.dedup();
+    let default_uses = file.defaults.uses.unwrap_or(1);
+    if default_uses == 0 {
+        bail!("defaults.uses must be at least 1");
+    }
+    let default_ttl = duration("defaults.ttl", &file.defaults.ttl, DEFAULT_TTL)?;
+
+    let mut services = BTreeMap::new();
+    for (name, section) in file.services {
+        let svc = build_service(&name, section).with_context(|| format!("services.{name}"))?;
+        services.insert(name, svc);
+    }
+    Ok(Config {
+        socket,
+        mcp_socket,
+        state_dir,
+        audit_log,
+        gateway,
+        admin_uids,
+        default_uses,
+        default_ttl,
+        max_body: d.max_body.unwrap_or(DEFAULT_MAX_BODY),
+        services,
+        source: None,
+    })
+}
+
+fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        bail!("a service name is 1 to 32 of a-z, 0-9, '-' and '_'");
+    }
+    let preset = match &s.preset {
+        Some(p) => Some(presets::find(p).ok_or_else(|| {
+            let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
+            anyhow!("preset = {p:?} is not a preset; choose one of {}", names.join(", "))
+        })?),
+        None => None,
+    };
+    let base = s
+        .base_url
+        .as_deref()
+        .or(preset.map(|p| p.base_url))
+        .ok_or_else(|| anyhow!("base_url is missing (or set preset = \"...\")"))?;
+    let base_url = Url::parse(base).map_err(|e| anyhow!("base_url = {base:?}: {e}"))?;
+    check_origin(&base_url, s.insecure_http).with_context(|| format!("base_url = {base:?}"))?;
+
+    let inject = match (&s.inject, preset) {
+        (Some(i), _) => build_inject(i).context("inject")?,
+        (None, Some(p)) => Inject::Header {
+            name: HeaderName::from_static(p.header.unwrap_or("authorization")),
+            template: if p.header.is_some() {
+                "{secret}".into()
+            } else {
+                "Bearer {secret}".into()
+            },
+        },
+        (None, None) => Inject::Header {
+            name: HeaderName::from_static("authorization"),
+            template: "Bearer {secret}".into(),
+        },
+    };
+    let secret = match (s.secret, preset) {
+        (Some(src), _) => src,
+        (None, Some(p)) => SecretSource::env(p.env[0]),
+        (None, None) => bail!("secret is missing: write secret = {{ file = \"/path\" }}, {{ env = \"VAR\" }} or {{ credential = \"name\" }}"),
+    };
+    secret.validate().context("secret")?;
+
+    let allow_src: Vec<String> = match (s.allow, preset) {
+        (Some(a), _) => a,
+        (None, Some(p)) => p.allow.iter().map(|r| (*r).to_owned()).collect(),
+        (None, None) => bail!("allow is missing: list the rules tokens may have, e.g. allow = [\"GET /v1/**\"]"),
+    };
+    if allow_src.is_empty() {
+        bail!("allow is empty: no token could ever be minted for this service");
+    }
+    let allow = allow_src
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Rule::parse(r).map_err(|e| anyhow!("allow[{i}] = {r:?}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let max_uses = s.max_uses.unwrap_or(DEFAULT_MAX_USES);
+    if max_uses == 0 {
+        bail!("max_uses must be at least 1");
+    }
+    let default_headers = preset
+        .map(|p| {
+            p.default_headers
+                .iter()
+                .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ServiceConfig {
+        name: name.to_owned(),
+        base_url,
+        inject,
+        secret,
+        allow,
+        max_uses,
+        max_ttl: duration("max_ttl", &s.max_ttl, DEFAULT_MAX_TTL)?,
+        timeout: duration("timeout", &s.timeout, DEFAULT_TIMEOUT)?,
+        connect_timeout: duration("connect_timeout", &s.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
+        default_headers,
+    })
+}
+
+/// The key may only travel over TLS, or in the clear to loopback, or where the operator said
+/// `insecure_http = true`. No userinfo, query or fragment: the base URL is an origin plus a prefix.
+fn check_origin(url: &Url, insecure_http: bool) -> Result<()> {
+    if !url.username().is_empty() || url.password().is_some() {
+        bail!("must not carry a user name or password; use secret and inject");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("must not have a query or fragment");
+    }
+    let host = url.host().ok_or_else(|| anyhow!("has no host"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match host {
+                url::Host::Domain(d) => d == "localhost",
+                url::Host::Ipv4(ip) => ip.is_loopback(),
+                url::Host::Ipv6(ip) => ip.is_loopback(),
+            };
+            if loopback || insecure_http {
+                Ok(())
+            } else {
+                bail!("plain http to a non-loopback host would send the key in the clear; use https or set insecure_http = true")
+            }
+        }
+        other => bail!("scheme {other:?} is not http or https"),
+    }
+}
+
+fn build_inject(i: &InjectSection) -> Result<Inject> {
+    match (&i.header, &i.query, &i.basic_user) {
+        (Some(h), None, None) => {
+            let name = HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| anyhow!("header = {h:?} is not a valid header name"))?;
+            let template = i.value.clone().unwrap_or_else(|| "{secret}".into());
+            if template.matches("{secret}").count() != 1 {
+                bail!("value = {template:?} must contain {{secret}} exactly once");
+            }
+            Ok(Inject::Header { name, template })
+        }
+        (None, Some(q), None) if i.value.is_none() => {
+            if q.is_empty() || !q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                bail!("query = {q:?} must be a plain parameter name");
+            }
+            Ok(Inject::Query { param: q.clone() })
+        }
+        (None, None, Some(u)) if i.value.is_none() => {
+            if u.contains(':') {
+                bail!("basic_user must not contain ':'");
+            }
+            Ok(Inject::Basic { user: u.clone() })
+        }
+        _ => bail!(
+            "write exactly one of {{ header = \"Name\", value = \"Bearer {{secret}}\" }}, {{ query = \"key\" }} or {{ basic_user = \"name\" }}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_example_parses() {
+        let text = include_str!("../../examples/till.toml");
+        let cfg = Config::parse(text, 1000).expect("examples/till.toml must keep loading");
+        assert!(cfg.services.contains_key("openai"));
+        assert!(cfg.services.contains_key("github"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[daemon]\nsocket = \"/tmp/x\"\nsokcet = 1\n", 1000)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("sokcet") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_to_remote_host_is_refused() {
+        let text = "[services.x]\nbase_url = \"http://example.com\"\nsecret = { env = \"X\" }\nallow = [\"GET /**\"]\n";
+        let err = format!("{:#}", Config::parse(text, 1000).expect_err("http"));
+        assert!(err.contains("insecure_http"), "{err}");
+        let ok = text.replace("allow", "insecure_http = true\nallow");
+        assert!(Config::parse(&ok, 1000).is_ok());
+        let local = text.replace("example.com", "127.0.0.1:9");
+        assert!(Config::parse(&local, 1000).is_ok());
+    }
+
+    #[test]
+    fn bad_rule_names_the_key() {
+        let text = "[services.x]\nbase_url = \"https://example.com\"\nsecret = { env = \"X\" }\nallow = [\"GET /ok\", \"GET /a/../b\"]\n";
+        let err = format!("{:#}", Config::parse(text, 1000).expect_err("rule"));
+        assert!(err.contains("services.x") && err.contains("allow[1]"), "{err}");
+    }
+
+    #[test]
+    fn gateway_must_be_loopback() {
+        assert!(Config::parse("[daemon]\ngateway = \"0.0.0.0:8719\"\n", 1000).is_err());
+        assert!(Config::parse("[daemon]\ngateway = \"127.0.0.1:8719\"\n", 1000).is_ok());
+    }
+}

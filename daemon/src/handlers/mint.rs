@@ -1,0 +1,146 @@
+//! `mint`: a token within the service's ceiling.
+
+use std::time::Duration;
+
+use till_protocol::scope::first_uncovered;
+use till_protocol::{Claims, ErrorCode, MintReply, MintRequest, Response, Rule};
+
+use crate::audit::{Event, EventKind, PeerJson};
+use crate::broker::{Broker, Refusal, new_token_id, now_secs};
+use crate::peer::Peer;
+use crate::store::TokenRecord;
+
+const MAX_NOTE: usize = 200;
+
+/// Builds claims for `rules` on `service` after checking them against the ceiling and limits.
+pub fn claims_for(
+    b: &Broker,
+    peer: &Peer,
+    service: &str,
+    rules: Vec<Rule>,
+    uses: Option<u32>,
+    ttl: Option<Duration>,
+    bind_to_peer: bool,
+) -> Result<Claims, Refusal> {
+    let svc = &b.service(service)?.config;
+    let ceiling = || {
+        svc.allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(rule) = first_uncovered(&svc.allow, &rules) {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!(
+                "'{rule}' is outside what service {service} allows ({}); ask for a rule inside it, \
+                 or have the operator widen `allow` in till.toml",
+                ceiling()
+            ),
+        ));
+    }
+    let uses = uses.unwrap_or(b.config.default_uses);
+    if uses == 0 {
+        return Err(Refusal::bad_request("a token needs at least 1 activation"));
+    }
+    if uses > svc.max_uses {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!(
+                "{uses} activations is more than service {service} allows per token ({}); ask for fewer",
+                svc.max_uses
+            ),
+        ));
+    }
+    let ttl = ttl.unwrap_or_else(|| b.config.default_ttl.min(svc.max_ttl));
+    if ttl.is_zero() {
+        return Err(Refusal::bad_request("a token's lifetime must be longer than zero"));
+    }
+    if ttl > svc.max_ttl {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!(
+                "a lifetime of {}s is longer than service {service} allows ({}s); ask for a shorter one",
+                ttl.as_secs(),
+                svc.max_ttl.as_secs()
+            ),
+        ));
+    }
+    let now = now_secs();
+    Ok(Claims {
+        id: new_token_id()?,
+        key_id: b.keyring.current_id(),
+        service: service.to_owned(),
+        rules,
+        uses,
+        issued_at: now,
+        expires_at: Some(now + ttl.as_secs()),
+        parent: None,
+        holder_uid: bind_to_peer.then_some(peer.uid),
+    })
+}
+
+pub fn mint_event(peer: &Peer, claims: &Claims) -> Event {
+    Event {
+        token_id: Some(claims.id.to_string()),
+        service: Some(claims.service.clone()),
+        peer: Some(PeerJson::from(peer)),
+        reason: Some(format!(
+            "{} activation(s): {}",
+            claims.uses,
+            claims
+                .rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        ..Event::default()
+    }
+}
+
+pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Response, Refusal> {
+    let note = match req.note {
+        Some(n) if n.chars().count() > MAX_NOTE || n.chars().any(char::is_control) => {
+            return Err(Refusal::bad_request(format!(
+                "a note is at most {MAX_NOTE} characters without control characters"
+            )));
+        }
+        n => n,
+    };
+    let rules = req
+        .allow
+        .iter()
+        .map(|r| Rule::parse(r).map_err(|e| Refusal::bad_request(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rules = if rules.is_empty() {
+        b.service(&req.service)?.config.allow.clone()
+    } else {
+        rules
+    };
+    let claims = claims_for(
+        b,
+        peer,
+        &req.service,
+        rules,
+        req.uses,
+        req.ttl_secs.map(Duration::from_secs),
+        req.bind_to_peer,
+    )?;
+    let token = claims
+        .sign(b.keyring.current())
+        .map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let record = TokenRecord::from_claims(&claims, peer, note);
+    let info = record.info(now_secs());
+    b.insert(record);
+    if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)).await {
+        // Fail closed: a token whose mint is not in the trail must not work.
+        if let Some(rec) = b.tokens().get_mut(&claims.id) {
+            rec.revoked_at = Some(now_secs());
+            b.store.put(rec);
+        }
+        return Err(refusal);
+    }
+    Ok(Response::Minted(MintReply { token, info }))
+}

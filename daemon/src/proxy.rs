@@ -1,0 +1,303 @@
+//! The upstream side: build the request for the service's pinned origin, inject the key, send it,
+//! read the answer within limits, and scrub every form of the key out of it.
+//!
+//! Redirects are never followed (the 3xx goes back to the caller as it is), so the key cannot be
+//! carried to another origin. Upstream requests ask for `accept-encoding: identity`, because a
+//! compressed body could hide the key from the scrubber; a compressed answer anyway is refused.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use memchr::memmem;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Client, Url};
+use till_protocol::{Method, RequestPath};
+use zeroize::Zeroizing;
+
+use crate::config::{Inject, ServiceConfig};
+use crate::secret::Secret;
+
+pub const REDACTED: &[u8] = b"[redacted by till]";
+
+/// Headers that describe one hop, or carry a credential, or would let the caller steer the
+/// request: never forwarded from the caller.
+const DROPPED_REQUEST_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "accept-encoding",
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+const DROPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+pub struct UpstreamReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("header {0:?} is not a valid HTTP header")]
+    BadHeader(String),
+    #[error("the upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not reach the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream's answer is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("the upstream sent a {0}-encoded body, which Till cannot check for the key")]
+    Encoded(String),
+    #[error("the upstream request failed: {0}")]
+    Other(String),
+}
+
+/// Every form in which the key could come back: raw, as injected, base64 for basic auth, URL- and
+/// JSON-escaped. Held zeroized.
+pub struct Scrubber {
+    needles: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl Scrubber {
+    pub fn new(secret: &Secret, inject: &Inject) -> Scrubber {
+        let raw = secret.expose();
+        let mut needles = vec![Zeroizing::new(raw.to_vec())];
+        if let Inject::Basic { user } = inject {
+            let mut pair = Zeroizing::new(user.as_bytes().to_vec());
+            pair.push(b':');
+            pair.extend_from_slice(raw);
+            needles.push(Zeroizing::new(STANDARD.encode(pair.as_slice()).into_bytes()));
+        }
+        if let Ok(s) = std::str::from_utf8(raw) {
+            let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+            needles.push(Zeroizing::new(url.into_bytes()));
+            if let Ok(json) = serde_json::to_string(s) {
+                needles.push(Zeroizing::new(json.as_bytes()[1..json.len() - 1].to_vec()));
+            }
+        }
+        needles.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        needles.dedup_by(|a, b| a.as_slice() == b.as_slice());
+        Scrubber { needles }
+    }
+
+    /// Replaces every occurrence of every form of the key.
+    pub fn scrub(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        for needle in &self.needles {
+            if memmem::find(&out, needle).is_none() {
+                continue;
+            }
+            let mut next = Vec::with_capacity(out.len());
+            let mut rest = out.as_slice();
+            while let Some(at) = memmem::find(rest, needle) {
+                next.extend_from_slice(&rest[..at]);
+                next.extend_from_slice(REDACTED);
+                rest = &rest[at + needle.len()..];
+            }
+            next.extend_from_slice(rest);
+            out = next;
+        }
+        out
+    }
+}
+
+/// One reqwest client per service: its own connect timeout, no redirects, no proxy.
+pub fn client_for(svc: &ServiceConfig) -> Result<Client, reqwest::Error> {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(svc.connect_timeout)
+        .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+pub struct Outgoing<'a> {
+    pub method: Method,
+    pub path: &'a RequestPath,
+    pub headers: &'a [(String, String)],
+    pub body: Vec<u8>,
+}
+
+/// The URL the request goes to: the base URL with the validated path and query appended, and the
+/// key as a query parameter when the service injects it there. Checked against the pinned origin.
+fn target_url(svc: &ServiceConfig, path: &RequestPath, secret: &Secret) -> Result<Url, ProxyError> {
+    let base = svc.base_url.as_str().trim_end_matches('/');
+    let mut s = String::with_capacity(base.len() + 64);
+    s.push_str(base);
+    s.push_str(&path.path());
+    if let Some(q) = path.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    let mut url = Url::parse(&s).map_err(|e| ProxyError::Other(format!("bad URL: {e}")))?;
+    if url.origin() != svc.base_url.origin() {
+        return Err(ProxyError::Other("the request would leave the service's origin".into()));
+    }
+    if let Inject::Query { param } = &svc.inject {
+        let value = String::from_utf8_lossy(secret.expose());
+        url.query_pairs_mut().append_pair(param, &value);
+    }
+    Ok(url)
+}
+
+fn credential_header(inject: &Inject, secret: &Secret) -> Option<(HeaderName, HeaderValue)> {
+    let (name, bytes) = match inject {
+        Inject::Header { name, template } => {
+            let (before, after) = template.split_once("{secret}").unwrap_or((template, ""));
+            let mut v = Zeroizing::new(Vec::with_capacity(template.len() + secret.expose().len()));
+            v.extend_from_slice(before.as_bytes());
+            v.extend_from_slice(secret.expose());
+            v.extend_from_slice(after.as_bytes());
+            (name.clone(), v)
+        }
+        Inject::Basic { user } => {
+            let mut pair = Zeroizing::new(user.as_bytes().to_vec());
+            pair.push(b':');
+            pair.extend_from_slice(secret.expose());
+            let v = Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_slice())).into_bytes());
+            (reqwest::header::AUTHORIZATION, v)
+        }
+        Inject::Query { .. } => return None,
+    };
+    let mut value = HeaderValue::from_bytes(&bytes).ok()?;
+    value.set_sensitive(true);
+    Some((name, value))
+}
+
+fn request_headers(svc: &ServiceConfig, caller: &[(String, String)], secret: &Secret) -> Result<HeaderMap, ProxyError> {
+    let mut map = HeaderMap::new();
+    let inject_name = match &svc.inject {
+        Inject::Header { name, .. } => Some(name.clone()),
+        _ => None,
+    };
+    for (k, v) in caller {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        if DROPPED_REQUEST_HEADERS.contains(&name.as_str()) || Some(&name) == inject_name.as_ref() {
+            continue;
+        }
+        let value = HeaderValue::from_str(v).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        map.append(name, value);
+    }
+    for (k, v) in &svc.default_headers {
+        if !map.contains_key(k) {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    map.insert(reqwest::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    if let Some((name, value)) = credential_header(&svc.inject, secret) {
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+/// Validates what the caller sent without sending anything (so a bad header is refused before an
+/// activation is spent).
+pub fn check_headers(headers: &[(String, String)]) -> Result<(), ProxyError> {
+    for (k, v) in headers {
+        HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        HeaderValue::from_str(v).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+    }
+    Ok(())
+}
+
+pub async fn forward(
+    client: &Client,
+    svc: &ServiceConfig,
+    secret: &Secret,
+    scrubber: &Scrubber,
+    out: Outgoing<'_>,
+    max_body: usize,
+) -> Result<UpstreamReply, ProxyError> {
+    let url = target_url(svc, out.path, secret)?;
+    let headers = request_headers(svc, out.headers, secret)?;
+    let method = reqwest::Method::from_bytes(out.method.as_str().as_bytes())
+        .map_err(|_| ProxyError::Other("bad method".into()))?;
+    let mut req = client.request(method, url).headers(headers).timeout(svc.timeout);
+    if !out.body.is_empty() {
+        req = req.body(out.body);
+    }
+    let mut resp = req.send().await.map_err(|e| classify(e, svc.timeout))?;
+    if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(ProxyError::Encoded(String::from_utf8_lossy(enc.as_bytes()).into_owned()));
+    }
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| !DROPPED_RESPONSE_HEADERS.contains(&k.as_str()))
+        .map(|(k, v)| {
+            let clean = scrubber.scrub(v.as_bytes());
+            (k.as_str().to_owned(), String::from_utf8_lossy(&clean).into_owned())
+        })
+        .collect();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, svc.timeout))? {
+        if body.len() + chunk.len() > max_body {
+            return Err(ProxyError::TooLarge(max_body));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(UpstreamReply {
+        status,
+        headers,
+        body: scrubber.scrub(&body),
+    })
+}
+
+/// Turns a reqwest error into a reason for the caller. reqwest's own text can include the URL, and
+/// with a query-injected key the URL holds the key, so it is never passed through.
+fn classify(e: reqwest::Error, timeout: Duration) -> ProxyError {
+    if e.is_timeout() {
+        ProxyError::Timeout(timeout)
+    } else if e.is_connect() {
+        ProxyError::Connect("connection failed (refused, unreachable or TLS error)".into())
+    } else if e.is_body() || e.is_decode() {
+        ProxyError::Other("the upstream's answer was cut off or malformed".into())
+    } else {
+        ProxyError::Other("the request could not be completed".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubs_raw_basic_and_escaped_forms() {
+        let secret = Secret::new(b"sk-abc/def+ghi".to_vec());
+        let s = Scrubber::new(&secret, &Inject::Basic { user: "u".into() });
+        let basic = STANDARD.encode("u:sk-abc/def+ghi");
+        let body = format!("a sk-abc/def+ghi b {basic} c sk-abc%2Fdef%2Bghi d sk-abc/def+ghisk-abc/def+ghi");
+        let out = String::from_utf8(s.scrub(body.as_bytes())).expect("utf8");
+        assert!(!out.contains("sk-abc"), "{out}");
+        assert!(!out.contains(&basic), "{out}");
+        assert_eq!(out.matches("[redacted by till]").count(), 5, "{out}");
+    }
+}

@@ -1,0 +1,206 @@
+//! The native socket: accept, read the peer's credentials, handshake, then one request at a time.
+//!
+//! Bad input never takes the connection's neighbours down: a frame that is not a valid request gets
+//! a `bad_frame` reply and the connection lives on; a frame over the limit or cut short gets a reply
+//! and the connection is closed (the stream cannot be resynchronised). Logs carry sizes and kinds,
+//! never payload bytes.
+
+use std::io;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use till_protocol::{
+    ErrorCode, ErrorReply, HelloReply, MAX_FRAME_BYTES, PROTOCOL_VERSION, Request, Response,
+};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::Broker;
+use crate::handlers::dispatch;
+use crate::peer::Peer;
+
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME_BYTES)
+        .new_codec()
+}
+
+/// Binds the socket 0600 (under a umask, so it is never more open, even for an instant), after
+/// taking the single-instance lock and removing a stale socket file. Returns the listener and the
+/// lock, which must live as long as the daemon.
+pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
+    if let Some(dir) = socket.parent() {
+        crate::create_private_dir(dir)?;
+    }
+    let lock_path = socket.with_file_name(format!(
+        "{}.lock",
+        socket.file_name().and_then(|n| n.to_str()).unwrap_or("till.sock")
+    ));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open lock file {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another tilld is already serving {} (it holds {}); stop it first",
+            socket.display(),
+            lock_path.display()
+        );
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("something is already listening on {}; stop it first", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+        tracing::info!(socket = %socket.display(), "removed a stale socket file");
+    }
+    let std_listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(socket))
+        .with_context(|| format!("cannot bind {}", socket.display()))?;
+    std_listener.set_nonblocking(true)?;
+    Ok((UnixListener::from_std(std_listener)?, lock))
+}
+
+/// Accepts until `shutdown` fires. Each connection runs on `tracker`.
+pub async fn serve(listener: UnixListener, broker: Broker, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let b = broker.clone();
+                let s = shutdown.clone();
+                tracker.spawn(async move {
+                    let peer = match Peer::from_unix(&stream) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                            return;
+                        }
+                    };
+                    let span = tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = ?peer.pid);
+                    connection(stream, peer, b, s).instrument(span).await;
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: keep serving the connections we have.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply {
+        code,
+        message: message.into(),
+    })
+}
+
+async fn send(framed: &mut Framed<UnixStream, LengthDelimitedCodec>, resp: &Response) -> io::Result<()> {
+    let json = serde_json::to_vec(resp).map_err(io::Error::other)?;
+    framed.send(Bytes::from(json)).await
+}
+
+/// What a broken frame means to the peer; the connection closes after it.
+fn frame_error(e: &io::Error) -> Response {
+    let msg = e.to_string();
+    if msg.contains("frame size too big") {
+        error(
+            ErrorCode::BadFrame,
+            format!("frame larger than the limit of {MAX_FRAME_BYTES} bytes; closing the connection"),
+        )
+    } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("bytes remaining") {
+        error(ErrorCode::BadFrame, "truncated frame: the connection ended mid-frame")
+    } else {
+        error(ErrorCode::BadFrame, "unreadable frame; closing the connection")
+    }
+}
+
+async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: CancellationToken) {
+    let mut framed = Framed::new(stream, codec());
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        f = framed.next() => f,
+    };
+    let hello = match first {
+        None => return,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "bad first frame");
+            let _ = send(&mut framed, &frame_error(&e)).await;
+            return;
+        }
+        Some(Ok(bytes)) => serde_json::from_slice::<Request>(&bytes),
+    };
+    let reply = match hello {
+        Ok(Request::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => None,
+        Ok(Request::Hello(h)) => Some(error(
+            ErrorCode::VersionMismatch,
+            format!(
+                "this daemon speaks protocol {PROTOCOL_VERSION} (tilld {}) and the client speaks {}; \
+                 upgrade the {} so both match",
+                env!("CARGO_PKG_VERSION"),
+                h.protocol_version,
+                if h.protocol_version < PROTOCOL_VERSION { "client" } else { "daemon" }
+            ),
+        )),
+        Ok(_) => Some(error(ErrorCode::BadRequest, "the first message must be hello")),
+        Err(e) => Some(error(ErrorCode::BadFrame, format!("the first message is not a valid hello: {e}"))),
+    };
+    if let Some(r) = reply {
+        let _ = send(&mut framed, &r).await;
+        return;
+    }
+    let hello = Response::Hello(HelloReply {
+        protocol_version: PROTOCOL_VERSION,
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    if send(&mut framed, &hello).await.is_err() {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            f = framed.next() => f,
+        };
+        let bytes = match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "broken frame; closing");
+                let _ = send(&mut framed, &frame_error(&e)).await;
+                break;
+            }
+            Some(Ok(b)) => b,
+        };
+        let resp = match serde_json::from_slice::<Request>(&bytes) {
+            Ok(req) => {
+                let verb = req.verb();
+                let resp = dispatch(&broker, &peer, req)
+                    .instrument(tracing::debug_span!("req", verb))
+                    .await;
+                if let Response::Error(e) = &resp {
+                    tracing::info!(verb, code = e.code.as_str(), "refused");
+                }
+                resp
+            }
+            Err(e) => {
+                tracing::info!(size = bytes.len(), kind = ?e.classify(), "undecodable request");
+                error(ErrorCode::BadFrame, format!("not a valid request: {e}"))
+            }
+        };
+        if send(&mut framed, &resp).await.is_err() {
+            break;
+        }
+    }
+}
