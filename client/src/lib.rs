@@ -1,0 +1,182 @@
+//! `till-client`: talk to `tilld` over its Unix socket.
+//!
+//! Layout: this file is the library ([`Client`], [`socket_path`]); `bin/till/` is the CLI.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), till_client::ClientError> {
+//! let mut till = till_client::Client::connect(&till_client::socket_path(None)).await?;
+//! let minted = till.mint(till_protocol::MintRequest {
+//!     service: "openai".into(),
+//!     allow: vec!["GET /v1/models".into()],
+//!     ..Default::default()
+//! }).await?;
+//! let reply = till.call(till_protocol::CallRequest {
+//!     token: Some(minted.token),
+//!     method: "GET".into(),
+//!     path: "/v1/models".into(),
+//!     ..Default::default()
+//! }).await?;
+//! println!("{}", reply.status);
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use till_protocol::{
+    AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest, MAX_FRAME_BYTES,
+    MintReply, MintRequest, PROTOCOL_VERSION, PubkeyReply, Request, Response, RevokeReply, RevokeRequest,
+    RevokeTarget, ServicesReply, StatusReply, TokenInfo, TokensReply, TokensRequest,
+};
+use tokio::net::UnixStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+pub use till_protocol;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answers on the socket.
+    #[error(
+        "cannot reach tilld at {path}: {reason}. Start it with `tilld` (e.g. `OPENAI_API_KEY=sk-... tilld`), \
+         or point --socket / $TILL_SOCKET at the socket it serves"
+    )]
+    Unreachable { path: PathBuf, reason: String },
+    /// The daemon answered with a refusal.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("connection to tilld failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected reply from tilld: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// `--socket`, else `$TILL_SOCKET`, else the default path for this user.
+pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_owned();
+    }
+    if let Some(p) = std::env::var_os("TILL_SOCKET").filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    till_protocol::paths::default_socket(current_uid())
+}
+
+#[allow(unsafe_code)]
+fn current_uid() -> u32 {
+    // SAFETY: getuid cannot fail and touches no memory.
+    unsafe { libc::getuid() }
+}
+
+/// One connection to the daemon. Requests are answered in order; not shareable across tasks
+/// (open one per task, they are cheap).
+pub struct Client {
+    framed: Framed<UnixStream, LengthDelimitedCodec>,
+    daemon_version: String,
+}
+
+macro_rules! expect {
+    ($resp:expr, $variant:path) => {
+        match $resp {
+            $variant(x) => Ok(x),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    };
+}
+
+impl Client {
+    /// Connects and exchanges `hello`.
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).await.map_err(|e| ClientError::Unreachable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let codec = LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_FRAME_BYTES)
+            .new_codec();
+        let mut client = Client {
+            framed: Framed::new(stream, codec),
+            daemon_version: String::new(),
+        };
+        let hello = Request::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: concat!("till-client ", env!("CARGO_PKG_VERSION")).into(),
+        });
+        let reply = expect!(client.request(hello).await?, Response::Hello)?;
+        client.daemon_version = reply.daemon_version;
+        Ok(client)
+    }
+
+    pub fn daemon_version(&self) -> &str {
+        &self.daemon_version
+    }
+
+    /// Sends one request and returns the daemon's response; an error reply becomes
+    /// [`ClientError::Refused`].
+    pub async fn request(&mut self, req: Request) -> Result<Response, ClientError> {
+        let json = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.framed.send(Bytes::from(json)).await?;
+        let frame = self
+            .framed
+            .next()
+            .await
+            .ok_or_else(|| ClientError::Protocol("tilld closed the connection".into()))??;
+        match serde_json::from_slice::<Response>(&frame) {
+            Ok(Response::Error(e)) => Err(ClientError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<StatusReply, ClientError> {
+        expect!(self.request(Request::Status).await?, Response::Status)
+    }
+
+    pub async fn services(&mut self) -> Result<ServicesReply, ClientError> {
+        expect!(self.request(Request::Services).await?, Response::Services)
+    }
+
+    pub async fn mint(&mut self, req: MintRequest) -> Result<MintReply, ClientError> {
+        expect!(self.request(Request::Mint(req)).await?, Response::Minted)
+    }
+
+    pub async fn call(&mut self, req: CallRequest) -> Result<CallReply, ClientError> {
+        expect!(self.request(Request::Call(req)).await?, Response::Called)
+    }
+
+    pub async fn tokens(&mut self, all: bool) -> Result<TokensReply, ClientError> {
+        expect!(self.request(Request::Tokens(TokensRequest { all })).await?, Response::Tokens)
+    }
+
+    pub async fn inspect(&mut self, token_or_id: &str) -> Result<TokenInfo, ClientError> {
+        let req = Request::Inspect(InspectRequest {
+            token_or_id: token_or_id.to_owned(),
+        });
+        expect!(self.request(req).await?, Response::Token)
+    }
+
+    pub async fn revoke(&mut self, target: RevokeTarget) -> Result<RevokeReply, ClientError> {
+        expect!(self.request(Request::Revoke(RevokeRequest { target })).await?, Response::Revoked)
+    }
+
+    pub async fn pubkey(&mut self) -> Result<PubkeyReply, ClientError> {
+        expect!(self.request(Request::Pubkey).await?, Response::Pubkey)
+    }
+
+    pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {
+        expect!(self.request(Request::Audit(AuditRequest { limit })).await?, Response::Audit)
+    }
+}

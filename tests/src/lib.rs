@@ -1,1 +1,341 @@
+//! Test support: a real `tilld` on a temp socket and state dir, and a real HTTP upstream on
+//! 127.0.0.1. Readiness is `READY=1` on a notify socket, exactly as systemd sees it: nothing polls.
+//!
+//! The binaries come from the workspace's target dir; `scripts/test` builds them first.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use till_client::{Client, ClientError};
+
+/// The master credential of the `echo` service in every test daemon.
+pub const SECRET: &str = "sk-live-TESTSECRET-0123456789abcdef";
+/// The master credential of the `other` service.
+pub const OTHER_SECRET: &str = "sk-other-SECRET-fedcba9876543210";
+
+/// Path of a workspace binary (`tilld`, `till`), next to the test executable's `deps/` dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// A real HTTP server on 127.0.0.1 that echoes each request (headers included, so a leaked key
+/// would show) and counts them. `/redirect` answers 302 to `redirect_to`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    hits: watch::Receiver<u64>,
+}
+
+impl Upstream {
+    pub async fn start(redirect_to: Option<String>) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (tx, hits) = watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let seen = seen2.clone();
+                let tx = tx.clone();
+                let redirect_to = redirect_to.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        let tx = tx.clone();
+                        let redirect_to = redirect_to.clone();
+                        async move { Ok::<_, Infallible>(echo(req, &seen, &tx, redirect_to).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, hits }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> u64 {
+        *self.hits.borrow()
+    }
+
+    /// Waits until the upstream has answered at least `n` requests.
+    pub async fn wait_hits(&self, n: u64) {
+        let mut rx = self.hits.clone();
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|h| *h >= n))
+            .await
+            .expect("upstream hits in time")
+            .expect("upstream alive");
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+async fn echo(
+    req: Request<Incoming>,
+    seen: &Mutex<Vec<Seen>>,
+    tx: &watch::Sender<u64>,
+    redirect_to: Option<String>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().to_string();
+    let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+    let echo = serde_json::json!({
+        "method": method,
+        "path": path_and_query,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    let auth = headers.get("authorization").cloned().unwrap_or_default();
+    seen.lock().expect("seen").push(Seen {
+        method,
+        path_and_query: path_and_query.clone(),
+        headers,
+        body,
+    });
+    tx.send_modify(|h| *h += 1);
+    let mut resp = Response::builder().header("content-type", "application/json");
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&auth) {
+        resp = resp.header("x-echo-authorization", v);
+    }
+    if path_and_query.starts_with("/redirect")
+        && let Some(to) = redirect_to
+    {
+        resp = resp.status(302).header("location", format!("{to}/stolen"));
+    }
+    resp.body(Full::new(Bytes::from(echo.to_string()))).expect("response")
+}
+
+/// A running `tilld` with its own temp dir, socket, state, audit trail and log.
+pub struct TestDaemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub audit: PathBuf,
+    pub log: PathBuf,
+    pub child: Child,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The config every test daemon starts from: `echo` (bearer, `* /**`), `other` (a header
+/// key, `GET /**`), `q` (key in the query) and `basic` (basic auth), all on `upstream`.
+pub fn standard_config(dir: &Path, upstream: &str, extra_daemon: &str) -> String {
+    for (name, secret) in [("echo.key", SECRET), ("other.key", OTHER_SECRET)] {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{secret}\n")).expect("write key");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    }
+    let d = dir.display();
+    format!(
+        r#"[daemon]
+socket = "{d}/till.sock"
+state_dir = "{d}/state"
+audit_log = "{d}/audit.jsonl"
+{extra_daemon}
+
+[services.echo]
+base_url = "{upstream}"
+secret = {{ file = "{d}/echo.key" }}
+allow = ["* /**"]
+max_uses = 1000
+
+[services.other]
+base_url = "{upstream}/other"
+inject = {{ header = "x-api-key" }}
+secret = {{ file = "{d}/other.key" }}
+allow = ["GET /**"]
+max_uses = 5
+max_ttl = "1h"
+
+[services.q]
+base_url = "{upstream}"
+inject = {{ query = "key" }}
+secret = {{ file = "{d}/echo.key" }}
+allow = ["GET /**"]
+
+[services.basic]
+base_url = "{upstream}"
+inject = {{ basic_user = "api" }}
+secret = {{ file = "{d}/echo.key" }}
+allow = ["GET /**"]
+"#
+    )
+}
+
+impl TestDaemon {
+    /// A fresh temp dir with the standard config for `upstream`.
+    pub fn start(upstream: &Upstream) -> TestDaemon {
+        Self::start_extra(upstream, "")
+    }
+
+    pub fn start_extra(upstream: &Upstream, extra_daemon: &str) -> TestDaemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("till.toml"), standard_config(&dir, &upstream.url(), extra_daemon))
+            .expect("config");
+        let mut d = Self::start_in(&dir);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts `tilld` on `dir/till.toml` (state kept across restarts in `dir/state`).
+    pub fn start_in(dir: &Path) -> TestDaemon {
+        match Self::try_start_in(dir) {
+            Ok(d) => d,
+            Err(msg) => panic!("tilld did not become ready: {msg}"),
+        }
+    }
+
+    /// Starts `tilld` and waits for `READY=1`; on failure returns its exit status and log.
+    pub fn try_start_in(dir: &Path) -> Result<TestDaemon, String> {
+        let notify_path = dir.join(format!("notify-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let log = dir.join("tilld.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        let config = dir.join("till.toml");
+        let mut child = Command::new(bin("tilld"))
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("TILL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn tilld");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 256];
+        loop {
+            // The short read timeout only lets us notice a daemon that died before READY=1.
+            match notify.recv(&mut buf) {
+                Ok(n) if buf[..n].windows(7).any(|w| w == b"READY=1") => break,
+                _ => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("tilld exited with {status}:\n{text}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("no READY=1 within 60 s".into());
+            }
+        }
+        let _ = std::fs::remove_file(&notify_path);
+        Ok(TestDaemon {
+            dir: dir.to_owned(),
+            socket: dir.join("till.sock"),
+            config,
+            audit: dir.join("audit.jsonl"),
+            log,
+            child,
+            _tmp: None,
+        })
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect to tilld")
+    }
+
+    /// Runs the `till` CLI against this daemon.
+    pub fn till(&self, args: &[&str]) -> Output {
+        Command::new(bin("till"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TILL_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run till")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        self.child.wait().expect("wait tilld")
+    }
+
+    /// Takes the temp dir so it outlives this daemon (for restarts on the same state).
+    pub fn keep_dir(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(&self.audit).unwrap_or_default()
+    }
+}
+
+#[allow(unsafe_code)]
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

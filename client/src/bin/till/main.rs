@@ -1,1 +1,331 @@
-fn main() {}
+//! `till`: the command line for `tilld`.
+//!
+//! Exit codes: 0 success, 1 refused or failed, 2 usage error (clap), 3 the daemon cannot be reached.
+
+mod output;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use clap::{Parser, Subcommand};
+use till_client::{Client, ClientError, socket_path};
+use till_protocol::{CallRequest, MintRequest, RevokeTarget, Token};
+
+#[derive(Parser)]
+#[command(name = "till", version, about = "Use API keys without holding them: mint, call, inspect and revoke Till tokens")]
+struct Cli {
+    /// The daemon's socket (else $TILL_SOCKET, else the default path).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Daemon version, uptime, socket and counts.
+    Status,
+    /// Services and the rules tokens for them may carry (never secrets).
+    Services,
+    /// Mint a capability token; prints only the token unless --json.
+    Mint {
+        service: String,
+        /// A rule 'METHOD /path' (repeatable); default: the service's whole ceiling.
+        #[arg(long = "allow", value_name = "RULE")]
+        allow: Vec<String>,
+        /// Activations: how many upstream requests the token may make.
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Lifetime, e.g. 30s, 15m, 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// A note kept with the token (shown by `till tokens`).
+        #[arg(long)]
+        note: Option<String>,
+        /// Bind the token to your uid: no other user can spend it.
+        #[arg(long)]
+        bind: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make one request through Till; body to stdout, status line to stderr.
+    Call {
+        service: String,
+        method: String,
+        /// Path and optional query, e.g. /v1/models?limit=2
+        path: String,
+        /// Request body, or @FILE to read it from a file (@- for stdin).
+        #[arg(short = 'd', long = "data", value_name = "BODY|@FILE")]
+        data: Option<String>,
+        /// A header 'Name: value' (repeatable).
+        #[arg(short = 'H', long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+        /// Spend this token (else a one-shot token is minted for exactly this request).
+        #[arg(long, env = "TILL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Exit 1 when the upstream answers with a status of 400 or more.
+        #[arg(long)]
+        fail: bool,
+    },
+    /// Live tokens and their remaining activations.
+    Tokens {
+        /// Include spent, expired and revoked tokens.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A token's claims and state, without spending an activation.
+    Inspect {
+        #[arg(value_name = "TOKEN|ID")]
+        token: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke one token (by id or whole token), every token of a service, or all.
+    Revoke {
+        #[arg(value_name = "ID|TOKEN", required_unless_present_any = ["service", "all"], conflicts_with_all = ["service", "all"])]
+        token: Option<String>,
+        #[arg(long, conflicts_with = "all")]
+        service: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Read the audit trail (admin).
+    Audit {
+        /// How many of the latest events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon's signing public key(s).
+    Pubkey,
+    /// Check a token's signature and claims offline.
+    Verify {
+        token: String,
+        /// A public key (base64url, from `till pubkey`); repeatable. Without one, asks the daemon.
+        #[arg(long = "key", env = "TILL_PUBKEY")]
+        keys: Vec<String>,
+    },
+}
+
+/// Exit code 1 with a message: a refusal or a failure.
+struct Failed(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("till: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ClientError::Unreachable { .. }) = e.downcast_ref::<ClientError>() {
+                eprintln!("till: {e}");
+                return ExitCode::from(3);
+            }
+            if let Some(f) = e.downcast_ref::<Failed>() {
+                eprintln!("till: {}", f.0);
+            } else {
+                eprintln!("till: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl std::fmt::Debug for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Failed {}
+
+async fn connect(cli_socket: &Option<PathBuf>) -> Result<Client> {
+    Ok(Client::connect(&socket_path(cli_socket.as_deref())).await?)
+}
+
+fn read_body(data: Option<String>) -> Result<Vec<u8>> {
+    match data {
+        None => Ok(Vec::new()),
+        Some(d) if d == "@-" => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+        Some(d) => match d.strip_prefix('@') {
+            Some(file) => std::fs::read(file).with_context(|| format!("cannot read {file}")),
+            None => Ok(d.into_bytes()),
+        },
+    }
+}
+
+fn parse_headers(headers: Vec<String>) -> Result<Vec<(String, String)>> {
+    headers
+        .into_iter()
+        .map(|h| {
+            let (k, v) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow!("header {h:?} must look like 'Name: value'"))?;
+            Ok((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Status => {
+            let s = connect(&cli.socket).await?.status().await?;
+            output::status(&s);
+        }
+        Cmd::Services => {
+            let s = connect(&cli.socket).await?.services().await?;
+            output::services(&s.services);
+        }
+        Cmd::Mint { service, allow, uses, ttl, note, bind, json } => {
+            let reply = connect(&cli.socket)
+                .await?
+                .mint(MintRequest {
+                    service,
+                    allow,
+                    uses,
+                    ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+                    note,
+                    bind_to_peer: bind,
+                })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                println!("{}", reply.token);
+            }
+        }
+        Cmd::Call { service, method, path, data, headers, token, fail } => {
+            let req = CallRequest {
+                token,
+                service: Some(service),
+                method,
+                path,
+                headers: parse_headers(headers)?,
+                body: read_body(data)?,
+            };
+            let reply = connect(&cli.socket).await?.call(req).await?;
+            std::io::stdout().write_all(&reply.body)?;
+            std::io::stdout().flush()?;
+            eprintln!(
+                "HTTP {} (token {}, {} activation(s) left)",
+                reply.status, reply.token_id, reply.activations_remaining
+            );
+            if fail && reply.status >= 400 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Tokens { all, json } => {
+            let t = connect(&cli.socket).await?.tokens(all).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t.tokens)?);
+            } else {
+                output::tokens(&t.tokens);
+            }
+        }
+        Cmd::Inspect { token, json } => {
+            let info = connect(&cli.socket).await?.inspect(&token).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                output::token(&info);
+            }
+        }
+        Cmd::Revoke { token, service, all } => {
+            let target = match (token, service, all) {
+                (Some(t), _, _) => RevokeTarget::Token(t),
+                (None, Some(s), _) => RevokeTarget::Service(s),
+                (None, None, true) => RevokeTarget::All,
+                (None, None, false) => bail!("say what to revoke: an id or token, --service S, or --all"),
+            };
+            let reply = connect(&cli.socket).await?.revoke(target).await?;
+            for t in &reply.revoked {
+                println!("revoked {} ({}, {} of {} activation(s) used)", t.id, t.service, t.used, t.uses);
+            }
+            if reply.revoked.is_empty() {
+                println!("nothing to revoke");
+            }
+        }
+        Cmd::Audit { limit, json } => {
+            let reply = connect(&cli.socket).await?.audit(Some(limit)).await?;
+            if json {
+                for l in &reply.lines {
+                    println!("{l}");
+                }
+            } else {
+                output::audit(&reply.lines);
+            }
+        }
+        Cmd::Pubkey => {
+            let reply = connect(&cli.socket).await?.pubkey().await?;
+            for k in &reply.keys {
+                println!("{} {}{}", k.key_id, k.public_key, if k.current { " (current)" } else { "" });
+            }
+        }
+        Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(socket: &Option<PathBuf>, token: &str, mut keys: Vec<String>) -> Result<ExitCode> {
+    let t = Token::decode(token).map_err(|e| Failed(e.to_string()))?;
+    if keys.is_empty() {
+        keys = connect(socket)
+            .await?
+            .pubkey()
+            .await?
+            .keys
+            .into_iter()
+            .map(|k| k.public_key)
+            .collect();
+    }
+    let mut verified = false;
+    for k in &keys {
+        let raw = URL_SAFE_NO_PAD
+            .decode(k.trim())
+            .map_err(|_| anyhow!("--key {k:?} is not base64url"))?;
+        let bytes: [u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| anyhow!("--key {k:?} is not a 32-byte ed25519 key"))?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))?;
+        if t.verify(&key).is_ok() {
+            verified = true;
+            break;
+        }
+    }
+    output::claims(t.claims());
+    if !verified {
+        return Err(Failed("the signature does not verify with any of the given keys".into()).into());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if t.claims().expires_at.is_some_and(|e| now >= e) {
+        return Err(Failed("the signature is valid but the token has expired".into()).into());
+    }
+    println!("signature valid (key {}); activations left are known only to the daemon (`till inspect`)", t.claims().key_id);
+    Ok(ExitCode::SUCCESS)
+}
