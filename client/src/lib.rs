@@ -25,9 +25,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use till_protocol::{
-    AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest, MAX_FRAME_BYTES,
-    MintReply, MintRequest, PROTOCOL_VERSION, PubkeyReply, Request, Response, RevokeReply, RevokeRequest,
-    RevokeTarget, ServicesReply, StatusReply, TokenInfo, TokensReply, TokensRequest,
+    AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest,
+    MAX_FRAME_BYTES, MintReply, MintRequest, PROTOCOL_VERSION, PubkeyReply, Request, Response,
+    RevokeReply, RevokeRequest, RevokeTarget, ServicesReply, StatusReply, TokenInfo, TokensReply,
+    TokensRequest,
 };
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -96,10 +97,12 @@ macro_rules! expect {
 impl Client {
     /// Connects and exchanges `hello`.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).await.map_err(|e| ClientError::Unreachable {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
         let codec = LengthDelimitedCodec::builder()
             .length_field_length(4)
             .max_frame_length(MAX_FRAME_BYTES)
@@ -158,7 +161,10 @@ impl Client {
     }
 
     pub async fn tokens(&mut self, all: bool) -> Result<TokensReply, ClientError> {
-        expect!(self.request(Request::Tokens(TokensRequest { all })).await?, Response::Tokens)
+        expect!(
+            self.request(Request::Tokens(TokensRequest { all })).await?,
+            Response::Tokens
+        )
     }
 
     pub async fn inspect(&mut self, token_or_id: &str) -> Result<TokenInfo, ClientError> {
@@ -169,7 +175,11 @@ impl Client {
     }
 
     pub async fn revoke(&mut self, target: RevokeTarget) -> Result<RevokeReply, ClientError> {
-        expect!(self.request(Request::Revoke(RevokeRequest { target })).await?, Response::Revoked)
+        expect!(
+            self.request(Request::Revoke(RevokeRequest { target }))
+                .await?,
+            Response::Revoked
+        )
     }
 
     pub async fn pubkey(&mut self) -> Result<PubkeyReply, ClientError> {
@@ -177,6 +187,9 @@ impl Client {
     }
 
     pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {
-        expect!(self.request(Request::Audit(AuditRequest { limit })).await?, Response::Audit)
+        expect!(
+            self.request(Request::Audit(AuditRequest { limit })).await?,
+            Response::Audit
+        )
     }
 }

@@ -196,10 +196,12 @@ fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, Stri
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Checks a whole trail's chain; returns the number of lines, or the 1-based number of the first
@@ -218,12 +220,18 @@ pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
             serde_json::from_str(line).map_err(|e| (n, format!("not JSON: {e}")))?;
         let claimed = v["hash"].as_str().unwrap_or("");
         if hex(&Sha256::digest(body.as_bytes())) != claimed {
-            return Err((n, "the line was edited: its hash does not match its content".into()));
+            return Err((
+                n,
+                "the line was edited: its hash does not match its content".into(),
+            ));
         }
         let line_prev = v["prev"].as_str().unwrap_or("");
         let seq = v["seq"].as_u64().unwrap_or(0);
         if line_prev != prev {
-            return Err((n, "the chain breaks here: a line before it was removed, inserted or reordered".into()));
+            return Err((
+                n,
+                "the chain breaks here: a line before it was removed, inserted or reordered".into(),
+            ));
         }
         if let Some(exp) = expected_seq
             && seq != exp
@@ -295,9 +303,17 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         let edited = t.replacen("\"t3\"", "\"t9\"", 1);
         assert_eq!(verify_chain(&edited).map_err(|e| e.0), Err(3));
-        let removed: String = lines.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| format!("{l}\n")).collect();
+        let removed: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
         assert_eq!(verify_chain(&removed).map_err(|e| e.0), Err(2));
-        let swapped = format!("{}\n{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3], lines[4]);
+        let swapped = format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            lines[0], lines[2], lines[1], lines[3], lines[4]
+        );
         assert_eq!(verify_chain(&swapped).map_err(|e| e.0), Err(2));
     }
 }

@@ -9,9 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use till_protocol::{
-    Claims, ErrorCode, ErrorReply, Response, TokenId, TokenInfo, TokenState,
-};
+use till_protocol::{Claims, ErrorCode, ErrorReply, Response, TokenId, TokenInfo, TokenState};
 
 use crate::audit::{Audit, Event, EventKind, PeerJson};
 use crate::config::{Config, Loaded, ServiceConfig};
@@ -97,7 +95,10 @@ impl Broker {
         audit: Audit,
         records: Vec<TokenRecord>,
     ) -> anyhow::Result<Broker> {
-        let Loaded { config, mut secrets } = loaded;
+        let Loaded {
+            config,
+            mut secrets,
+        } = loaded;
         let mut services = BTreeMap::new();
         for (name, svc) in &config.services {
             let secret = secrets
@@ -113,10 +114,7 @@ impl Broker {
                 },
             );
         }
-        let tokens = records
-            .into_iter()
-            .map(|r| (TokenId(r.id), r))
-            .collect();
+        let tokens = records.into_iter().map(|r| (TokenId(r.id), r)).collect();
         Ok(Broker(Arc::new(Inner {
             config,
             services,

@@ -86,9 +86,16 @@ struct InjectSection {
 #[derive(Debug, Clone)]
 pub enum Inject {
     /// A header whose value is `template` with `{secret}` replaced.
-    Header { name: HeaderName, template: String },
-    Query { param: String },
-    Basic { user: String },
+    Header {
+        name: HeaderName,
+        template: String,
+    },
+    Query {
+        param: String,
+    },
+    Basic {
+        user: String,
+    },
 }
 
 impl Inject {
@@ -241,11 +248,13 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
     let gateway = match d.gateway {
         None => None,
         Some(g) => {
-            let addr: SocketAddr = g
-                .parse()
-                .map_err(|_| anyhow!("daemon.gateway = {g:?}: write an address like \"127.0.0.1:8719\""))?;
+            let addr: SocketAddr = g.parse().map_err(|_| {
+                anyhow!("daemon.gateway = {g:?}: write an address like \"127.0.0.1:8719\"")
+            })?;
             if !addr.ip().is_loopback() {
-                bail!("daemon.gateway = {g:?}: the gateway listens on loopback only (127.0.0.1 or ::1)");
+                bail!(
+                    "daemon.gateway = {g:?}: the gateway listens on loopback only (127.0.0.1 or ::1)"
+                );
             }
             Some(addr)
         }
@@ -290,7 +299,10 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
     let preset = match &s.preset {
         Some(p) => Some(presets::find(p).ok_or_else(|| {
             let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
-            anyhow!("preset = {p:?} is not a preset; choose one of {}", names.join(", "))
+            anyhow!(
+                "preset = {p:?} is not a preset; choose one of {}",
+                names.join(", ")
+            )
         })?),
         None => None,
     };
@@ -320,14 +332,18 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
     let secret = match (s.secret, preset) {
         (Some(src), _) => src,
         (None, Some(p)) => SecretSource::env(p.env[0]),
-        (None, None) => bail!("secret is missing: write secret = {{ file = \"/path\" }}, {{ env = \"VAR\" }} or {{ credential = \"name\" }}"),
+        (None, None) => bail!(
+            "secret is missing: write secret = {{ file = \"/path\" }}, {{ env = \"VAR\" }} or {{ credential = \"name\" }}"
+        ),
     };
     secret.validate().context("secret")?;
 
     let allow_src: Vec<String> = match (s.allow, preset) {
         (Some(a), _) => a,
         (None, Some(p)) => p.allow.iter().map(|r| (*r).to_owned()).collect(),
-        (None, None) => bail!("allow is missing: list the rules tokens may have, e.g. allow = [\"GET /v1/**\"]"),
+        (None, None) => {
+            bail!("allow is missing: list the rules tokens may have, e.g. allow = [\"GET /v1/**\"]")
+        }
     };
     if allow_src.is_empty() {
         bail!("allow is empty: no token could ever be minted for this service");
@@ -358,7 +374,11 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
         max_uses,
         max_ttl: duration("max_ttl", &s.max_ttl, DEFAULT_MAX_TTL)?,
         timeout: duration("timeout", &s.timeout, DEFAULT_TIMEOUT)?,
-        connect_timeout: duration("connect_timeout", &s.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
+        connect_timeout: duration(
+            "connect_timeout",
+            &s.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
         default_headers,
     })
 }
@@ -384,7 +404,9 @@ fn check_origin(url: &Url, insecure_http: bool) -> Result<()> {
             if loopback || insecure_http {
                 Ok(())
             } else {
-                bail!("plain http to a non-loopback host would send the key in the clear; use https or set insecure_http = true")
+                bail!(
+                    "plain http to a non-loopback host would send the key in the clear; use https or set insecure_http = true"
+                )
             }
         }
         other => bail!("scheme {other:?} is not http or https"),
@@ -403,7 +425,11 @@ fn build_inject(i: &InjectSection) -> Result<Inject> {
             Ok(Inject::Header { name, template })
         }
         (None, Some(q), None) if i.value.is_none() => {
-            if q.is_empty() || !q.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            if q.is_empty()
+                || !q
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
                 bail!("query = {q:?} must be a plain parameter name");
             }
             Ok(Inject::Query { param: q.clone() })
@@ -455,7 +481,10 @@ mod tests {
     fn bad_rule_names_the_key() {
         let text = "[services.x]\nbase_url = \"https://example.com\"\nsecret = { env = \"X\" }\nallow = [\"GET /ok\", \"GET /a/../b\"]\n";
         let err = format!("{:#}", Config::parse(text, 1000).expect_err("rule"));
-        assert!(err.contains("services.x") && err.contains("allow[1]"), "{err}");
+        assert!(
+            err.contains("services.x") && err.contains("allow[1]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -77,7 +77,11 @@ fn notify(state: &str) {
 }
 
 /// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
-pub async fn run(loaded: Loaded, listener: UnixListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    loaded: Loaded,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let cfg = &loaded.config;
     create_private_dir(&cfg.state_dir)?;
     let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
@@ -110,13 +114,22 @@ pub async fn run(loaded: Loaded, listener: UnixListener, shutdown: CancellationT
     notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests in flight");
     tracker.close();
-    let drained = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait()).await.is_ok();
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_ok();
     let _ = audit
         .record(
             EventKind::Stop,
             Event {
                 peer: Some(me),
-                reason: Some(if drained { "clean shutdown" } else { "shutdown after the drain deadline" }.into()),
+                reason: Some(
+                    if drained {
+                        "clean shutdown"
+                    } else {
+                        "shutdown after the drain deadline"
+                    }
+                    .into(),
+                ),
                 ..Event::default()
             },
         )

@@ -92,7 +92,9 @@ impl Scrubber {
             let mut pair = Zeroizing::new(user.as_bytes().to_vec());
             pair.push(b':');
             pair.extend_from_slice(raw);
-            needles.push(Zeroizing::new(STANDARD.encode(pair.as_slice()).into_bytes()));
+            needles.push(Zeroizing::new(
+                STANDARD.encode(pair.as_slice()).into_bytes(),
+            ));
         }
         if let Ok(s) = std::str::from_utf8(raw) {
             let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
@@ -156,7 +158,9 @@ fn target_url(svc: &ServiceConfig, path: &RequestPath, secret: &Secret) -> Resul
     }
     let mut url = Url::parse(&s).map_err(|e| ProxyError::Other(format!("bad URL: {e}")))?;
     if url.origin() != svc.base_url.origin() {
-        return Err(ProxyError::Other("the request would leave the service's origin".into()));
+        return Err(ProxyError::Other(
+            "the request would leave the service's origin".into(),
+        ));
     }
     if let Inject::Query { param } = &svc.inject {
         let value = String::from_utf8_lossy(secret.expose());
@@ -179,7 +183,8 @@ fn credential_header(inject: &Inject, secret: &Secret) -> Option<(HeaderName, He
             let mut pair = Zeroizing::new(user.as_bytes().to_vec());
             pair.push(b':');
             pair.extend_from_slice(secret.expose());
-            let v = Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_slice())).into_bytes());
+            let v =
+                Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_slice())).into_bytes());
             (reqwest::header::AUTHORIZATION, v)
         }
         Inject::Query { .. } => return None,
@@ -189,14 +194,19 @@ fn credential_header(inject: &Inject, secret: &Secret) -> Option<(HeaderName, He
     Some((name, value))
 }
 
-fn request_headers(svc: &ServiceConfig, caller: &[(String, String)], secret: &Secret) -> Result<HeaderMap, ProxyError> {
+fn request_headers(
+    svc: &ServiceConfig,
+    caller: &[(String, String)],
+    secret: &Secret,
+) -> Result<HeaderMap, ProxyError> {
     let mut map = HeaderMap::new();
     let inject_name = match &svc.inject {
         Inject::Header { name, .. } => Some(name.clone()),
         _ => None,
     };
     for (k, v) in caller {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
         if DROPPED_REQUEST_HEADERS.contains(&name.as_str()) || Some(&name) == inject_name.as_ref() {
             continue;
         }
@@ -208,7 +218,10 @@ fn request_headers(svc: &ServiceConfig, caller: &[(String, String)], secret: &Se
             map.insert(k.clone(), v.clone());
         }
     }
-    map.insert(reqwest::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    map.insert(
+        reqwest::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if let Some((name, value)) = credential_header(&svc.inject, secret) {
         map.insert(name, value);
     }
@@ -237,7 +250,10 @@ pub async fn forward(
     let headers = request_headers(svc, out.headers, secret)?;
     let method = reqwest::Method::from_bytes(out.method.as_str().as_bytes())
         .map_err(|_| ProxyError::Other("bad method".into()))?;
-    let mut req = client.request(method, url).headers(headers).timeout(svc.timeout);
+    let mut req = client
+        .request(method, url)
+        .headers(headers)
+        .timeout(svc.timeout);
     if !out.body.is_empty() {
         req = req.body(out.body);
     }
@@ -245,7 +261,9 @@ pub async fn forward(
     if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
         && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
     {
-        return Err(ProxyError::Encoded(String::from_utf8_lossy(enc.as_bytes()).into_owned()));
+        return Err(ProxyError::Encoded(
+            String::from_utf8_lossy(enc.as_bytes()).into_owned(),
+        ));
     }
     let status = resp.status().as_u16();
     let headers = resp
@@ -254,7 +272,10 @@ pub async fn forward(
         .filter(|(k, _)| !DROPPED_RESPONSE_HEADERS.contains(&k.as_str()))
         .map(|(k, v)| {
             let clean = scrubber.scrub(v.as_bytes());
-            (k.as_str().to_owned(), String::from_utf8_lossy(&clean).into_owned())
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(&clean).into_owned(),
+            )
         })
         .collect();
     let mut body = Vec::new();
@@ -294,7 +315,9 @@ mod tests {
         let secret = Secret::new(b"sk-abc/def+ghi".to_vec());
         let s = Scrubber::new(&secret, &Inject::Basic { user: "u".into() });
         let basic = STANDARD.encode("u:sk-abc/def+ghi");
-        let body = format!("a sk-abc/def+ghi b {basic} c sk-abc%2Fdef%2Bghi d sk-abc/def+ghisk-abc/def+ghi");
+        let body = format!(
+            "a sk-abc/def+ghi b {basic} c sk-abc%2Fdef%2Bghi d sk-abc/def+ghisk-abc/def+ghi"
+        );
         let out = String::from_utf8(s.scrub(body.as_bytes())).expect("utf8");
         assert!(!out.contains("sk-abc"), "{out}");
         assert!(!out.contains(&basic), "{out}");

@@ -110,7 +110,9 @@ impl SecretSource {
             })?;
             Zeroizing::new(value.into_encoded_bytes())
         } else {
-            let path = self.path()?.ok_or_else(|| SecretError::Invalid("no source".into()))?;
+            let path = self
+                .path()?
+                .ok_or_else(|| SecretError::Invalid("no source".into()))?;
             read_private_file(&path)?
         };
         let trimmed = trim(&raw);
@@ -131,8 +133,14 @@ impl SecretSource {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -159,10 +167,11 @@ pub fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretError>
         )));
     }
     let mut buf = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
-    file.read_to_end(&mut buf).map_err(|e| SecretError::Unreadable {
-        path: path.to_owned(),
-        why: e.to_string(),
-    })?;
+    file.read_to_end(&mut buf)
+        .map_err(|e| SecretError::Unreadable {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
     Ok(buf)
 }
 
@@ -196,7 +205,10 @@ mod tests {
             file: Some(path.clone()),
             credential: None,
         };
-        let err = src.load().expect_err("loose file must be refused").to_string();
+        let err = src
+            .load()
+            .expect_err("loose file must be refused")
+            .to_string();
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert_eq!(src.load().expect("load").expose(), b"sk-test-0123456789");

@@ -40,7 +40,10 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
     }
     let lock_path = socket.with_file_name(format!(
         "{}.lock",
-        socket.file_name().and_then(|n| n.to_str()).unwrap_or("till.sock")
+        socket
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("till.sock")
     ));
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -57,20 +60,29 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
     }
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            bail!("something is already listening on {}; stop it first", socket.display());
+            bail!(
+                "something is already listening on {}; stop it first",
+                socket.display()
+            );
         }
         std::fs::remove_file(socket)
             .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
         tracing::info!(socket = %socket.display(), "removed a stale socket file");
     }
-    let std_listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(socket))
-        .with_context(|| format!("cannot bind {}", socket.display()))?;
+    let std_listener =
+        crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(socket))
+            .with_context(|| format!("cannot bind {}", socket.display()))?;
     std_listener.set_nonblocking(true)?;
     Ok((UnixListener::from_std(std_listener)?, lock))
 }
 
 /// Accepts until `shutdown` fires. Each connection runs on `tracker`.
-pub async fn serve(listener: UnixListener, broker: Broker, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: UnixListener,
+    broker: Broker,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -108,7 +120,10 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     })
 }
 
-async fn send(framed: &mut Framed<UnixStream, LengthDelimitedCodec>, resp: &Response) -> io::Result<()> {
+async fn send(
+    framed: &mut Framed<UnixStream, LengthDelimitedCodec>,
+    resp: &Response,
+) -> io::Result<()> {
     let json = serde_json::to_vec(resp).map_err(io::Error::other)?;
     framed.send(Bytes::from(json)).await
 }
@@ -119,12 +134,20 @@ fn frame_error(e: &io::Error) -> Response {
     if msg.contains("frame size too big") {
         error(
             ErrorCode::BadFrame,
-            format!("frame larger than the limit of {MAX_FRAME_BYTES} bytes; closing the connection"),
+            format!(
+                "frame larger than the limit of {MAX_FRAME_BYTES} bytes; closing the connection"
+            ),
         )
     } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("bytes remaining") {
-        error(ErrorCode::BadFrame, "truncated frame: the connection ended mid-frame")
+        error(
+            ErrorCode::BadFrame,
+            "truncated frame: the connection ended mid-frame",
+        )
     } else {
-        error(ErrorCode::BadFrame, "unreadable frame; closing the connection")
+        error(
+            ErrorCode::BadFrame,
+            "unreadable frame; closing the connection",
+        )
     }
 }
 
@@ -152,11 +175,21 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
                  upgrade the {} so both match",
                 env!("CARGO_PKG_VERSION"),
                 h.protocol_version,
-                if h.protocol_version < PROTOCOL_VERSION { "client" } else { "daemon" }
+                if h.protocol_version < PROTOCOL_VERSION {
+                    "client"
+                } else {
+                    "daemon"
+                }
             ),
         )),
-        Ok(_) => Some(error(ErrorCode::BadRequest, "the first message must be hello")),
-        Err(e) => Some(error(ErrorCode::BadFrame, format!("the first message is not a valid hello: {e}"))),
+        Ok(_) => Some(error(
+            ErrorCode::BadRequest,
+            "the first message must be hello",
+        )),
+        Err(e) => Some(error(
+            ErrorCode::BadFrame,
+            format!("the first message is not a valid hello: {e}"),
+        )),
     };
     if let Some(r) = reply {
         let _ = send(&mut framed, &r).await;

@@ -31,7 +31,10 @@ impl Keyring {
                     .with_context(|| format!("{} is not a Till signing key", path.display()))?,
             );
             let seed: &[u8; 32] = raw.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!("{} is not a Till signing key (wrong length)", path.display())
+                anyhow::anyhow!(
+                    "{} is not a Till signing key (wrong length)",
+                    path.display()
+                )
             })?;
             SigningKey::from_bytes(seed)
         } else {
@@ -53,10 +56,16 @@ impl Keyring {
             key
         };
         if key.verifying_key().is_weak() {
-            bail!("the signing key is weak; remove {} to make a new one", path.display());
+            bail!(
+                "the signing key is weak; remove {} to make a new one",
+                path.display()
+            );
         }
         let current_id = KeyId::of(&key.verifying_key());
-        Ok(Keyring { current: key, current_id })
+        Ok(Keyring {
+            current: key,
+            current_id,
+        })
     }
 
     pub fn current(&self) -> &SigningKey {

@@ -253,10 +253,14 @@ impl RequestPath {
             )));
         }
         if !target.is_ascii() {
-            return Err(bad("the path must be ASCII; percent-encode other characters"));
+            return Err(bad(
+                "the path must be ASCII; percent-encode other characters",
+            ));
         }
         if target.contains('#') {
-            return Err(bad("the path contains a '#' fragment, which is never sent upstream"));
+            return Err(bad(
+                "the path contains a '#' fragment, which is never sent upstream",
+            ));
         }
         let (path, query) = match target.split_once('?') {
             Some((p, q)) => (p, Some(q.to_owned())),
@@ -314,7 +318,9 @@ fn split_segments(path: &str) -> Result<Vec<&str>, String> {
             ));
         }
         if seg == "." || seg == ".." {
-            return Err(format!("{path:?} has a '.' or '..' segment; write the path it means"));
+            return Err(format!(
+                "{path:?} has a '.' or '..' segment; write the path it means"
+            ));
         }
         if seg.contains('\\') {
             return Err(format!("{path:?} contains a backslash"));
@@ -355,7 +361,9 @@ fn check_percent(s: &str) -> Result<(), String> {
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ScopeError {
-    #[error("unknown HTTP method {0:?}; use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS (or * in a rule)")]
+    #[error(
+        "unknown HTTP method {0:?}; use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS (or * in a rule)"
+    )]
     Method(String),
     #[error("a rule is 'METHOD /path', e.g. 'GET /v1/models'; got {0:?}")]
     Rule(String),
@@ -393,7 +401,10 @@ mod tests {
 
     #[test]
     fn containment() {
-        let ceiling = [rule("GET /repos/acme/**"), rule("POST /repos/acme/*/issues")];
+        let ceiling = [
+            rule("GET /repos/acme/**"),
+            rule("POST /repos/acme/*/issues"),
+        ];
         for ok in [
             "GET /repos/acme/x",
             "GET /repos/acme/*/issues/**",
@@ -442,7 +453,10 @@ mod tests {
             "/a?x=%0d%0a",
             "/é",
         ] {
-            assert!(RequestPath::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                RequestPath::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
         let p = path("/v1/models?limit=2&q=a%20b");
         assert_eq!(p.path(), "/v1/models");

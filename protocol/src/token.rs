@@ -395,7 +395,14 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        for s in ["", "till_", "till_!!!", "sk-abc", "till_AAAA", &"till_".repeat(100)] {
+        for s in [
+            "",
+            "till_",
+            "till_!!!",
+            "sk-abc",
+            "till_AAAA",
+            &"till_".repeat(100),
+        ] {
             assert!(Token::decode(s).is_err(), "{s}");
         }
     }

@@ -60,7 +60,9 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(redirect_to: Option<String>) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, hits) = watch::channel(0u64);
@@ -68,7 +70,9 @@ impl Upstream {
         let seen2 = seen.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let seen = seen2.clone();
                 let tx = tx.clone();
                 let redirect_to = redirect_to.clone();
@@ -117,13 +121,27 @@ async fn echo(
     redirect_to: Option<String>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
-    let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
     let echo = serde_json::json!({
         "method": method,
         "path": path_and_query,
@@ -147,7 +165,8 @@ async fn echo(
     {
         resp = resp.status(302).header("location", format!("{to}/stolen"));
     }
-    resp.body(Full::new(Bytes::from(echo.to_string()))).expect("response")
+    resp.body(Full::new(Bytes::from(echo.to_string())))
+        .expect("response")
 }
 
 /// A running `tilld` with its own temp dir, socket, state, audit trail and log.
@@ -215,8 +234,11 @@ impl TestDaemon {
     pub fn start_extra(upstream: &Upstream, extra_daemon: &str) -> TestDaemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
-        std::fs::write(dir.join("till.toml"), standard_config(&dir, &upstream.url(), extra_daemon))
-            .expect("config");
+        std::fs::write(
+            dir.join("till.toml"),
+            standard_config(&dir, &upstream.url(), extra_daemon),
+        )
+        .expect("config");
         let mut d = Self::start_in(&dir);
         d._tmp = Some(tmp);
         d
@@ -285,7 +307,9 @@ impl TestDaemon {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.expect("connect to tilld")
+        Client::connect(&self.socket)
+            .await
+            .expect("connect to tilld")
     }
 
     /// Runs the `till` CLI against this daemon.

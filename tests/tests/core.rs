@@ -37,7 +37,13 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
 async fn three_activations_under_64_racing_connections() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);
-    let token = d.client().await.mint(mint_req("echo", &["GET /race"], 3)).await.expect("mint").token;
+    let token = d
+        .client()
+        .await
+        .mint(mint_req("echo", &["GET /race"], 3))
+        .await
+        .expect("mint")
+        .token;
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let socket = d.socket.clone();
@@ -55,14 +61,20 @@ async fn three_activations_under_64_racing_connections() {
                 assert_eq!(reply.status, 200);
                 ok += 1;
             }
-            Err(ClientError::Refused { code: ErrorCode::Exhausted, .. }) => exhausted += 1,
+            Err(ClientError::Refused {
+                code: ErrorCode::Exhausted,
+                ..
+            }) => exhausted += 1,
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
     assert_eq!((ok, exhausted), (3, 61));
     assert_eq!(up.hits(), 3, "the upstream must see exactly 3 requests");
     let info = d.client().await.inspect(&token).await.expect("inspect");
-    assert_eq!((info.used, info.remaining, info.state), (3, 0, TokenState::Spent));
+    assert_eq!(
+        (info.used, info.remaining, info.state),
+        (3, 0, TokenState::Spent)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -72,9 +84,19 @@ async fn kill_9_mid_race_never_overspends_and_spent_stays_spent() {
     let tmp = d.keep_dir();
     let mut c = d.client().await;
     let uses = 40;
-    let token = c.mint(mint_req("echo", &["GET /crash"], uses)).await.expect("mint").token;
-    let one_shot = c.mint(mint_req("echo", &["GET /once"], 1)).await.expect("mint").token;
-    c.call(call_req(&one_shot, "GET", "/once")).await.expect("spend one-shot");
+    let token = c
+        .mint(mint_req("echo", &["GET /crash"], uses))
+        .await
+        .expect("mint")
+        .token;
+    let one_shot = c
+        .mint(mint_req("echo", &["GET /once"], 1))
+        .await
+        .expect("mint")
+        .token;
+    c.call(call_req(&one_shot, "GET", "/once"))
+        .await
+        .expect("spend one-shot");
     drop(c);
 
     // 16 connections spend in a loop; the daemon is killed once the upstream has seen 10.
@@ -83,7 +105,9 @@ async fn kill_9_mid_race_never_overspends_and_spent_stays_spent() {
         let socket = d.socket.clone();
         let token = token.clone();
         tasks.push(tokio::spawn(async move {
-            let Ok(mut c) = Client::connect(&socket).await else { return 0u32 };
+            let Ok(mut c) = Client::connect(&socket).await else {
+                return 0u32;
+            };
             let mut honoured = 0;
             while let Ok(r) = c.call(call_req(&token, "GET", "/crash")).await {
                 assert_eq!(r.status, 200);
@@ -102,7 +126,10 @@ async fn kill_9_mid_race_never_overspends_and_spent_stays_spent() {
 
     let d2 = TestDaemon::start_in(&d.dir);
     let mut c = d2.client().await;
-    assert_eq!(code(c.call(call_req(&one_shot, "GET", "/once")).await), ErrorCode::Exhausted);
+    assert_eq!(
+        code(c.call(call_req(&one_shot, "GET", "/once")).await),
+        ErrorCode::Exhausted
+    );
     let info = c.inspect(&token).await.expect("inspect after restart");
     assert!(
         u64::from(info.used) >= hits_before - 1,
@@ -114,10 +141,20 @@ async fn kill_9_mid_race_never_overspends_and_spent_stays_spent() {
     while c.call(call_req(&token, "GET", "/crash")).await.is_ok() {
         after += 1;
     }
-    let total_upstream = up.seen().iter().filter(|s| s.path_and_query == "/crash").count() as u32;
-    assert!(total_upstream <= uses, "upstream saw {total_upstream} > {uses} requests");
+    let total_upstream = up
+        .seen()
+        .iter()
+        .filter(|s| s.path_and_query == "/crash")
+        .count() as u32;
+    assert!(
+        total_upstream <= uses,
+        "upstream saw {total_upstream} > {uses} requests"
+    );
     assert!(answered_before + after <= uses);
-    assert!(hits_before > 10, "the kill came mid-race, after the upstream saw 10 calls");
+    assert!(
+        hits_before > 10,
+        "the kill came mid-race, after the upstream saw 10 calls"
+    );
     drop(tmp);
 }
 
@@ -126,7 +163,11 @@ async fn every_bad_token_is_refused_with_its_reason_and_costs_nothing() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);
     let mut c = d.client().await;
-    let token = c.mint(mint_req("echo", &["GET /ok/**"], 2)).await.expect("mint").token;
+    let token = c
+        .mint(mint_req("echo", &["GET /ok/**"], 2))
+        .await
+        .expect("mint")
+        .token;
 
     // One byte flipped in the claims, and in the signature.
     let raw = URL_SAFE_NO_PAD.decode(&token[5..]).expect("b64");
@@ -139,15 +180,23 @@ async fn every_bad_token_is_refused_with_its_reason_and_costs_nothing() {
     }
 
     // Signed by another key (claiming another key id, and claiming ours).
-    let original = till_protocol::Token::decode(&token).expect("decode").into_claims();
+    let original = till_protocol::Token::decode(&token)
+        .expect("decode")
+        .into_claims();
     let other = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
     let mut forged = original.clone();
     forged.key_id = till_protocol::KeyId::of(&other.verifying_key());
     let t = forged.sign(&other).expect("sign");
-    assert_eq!(code(c.call(call_req(&t, "GET", "/ok/x")).await), ErrorCode::BadToken);
+    assert_eq!(
+        code(c.call(call_req(&t, "GET", "/ok/x")).await),
+        ErrorCode::BadToken
+    );
     let t = original.sign(&other).expect("sign");
     match c.call(call_req(&t, "GET", "/ok/x")).await {
-        Err(ClientError::Refused { code: ErrorCode::BadToken, message }) => {
+        Err(ClientError::Refused {
+            code: ErrorCode::BadToken,
+            message,
+        }) => {
             assert!(message.contains("signature"), "{message}")
         }
         other => panic!("{other:?}"),
@@ -156,44 +205,91 @@ async fn every_bad_token_is_refused_with_its_reason_and_costs_nothing() {
     // Out of scope (path and method), and another service.
     let r = c.call(call_req(&token, "GET", "/elsewhere")).await;
     match r {
-        Err(ClientError::Refused { code: ErrorCode::OutOfScope, message }) => {
-            assert!(message.contains("GET /ok/**"), "the reason names the rules: {message}")
+        Err(ClientError::Refused {
+            code: ErrorCode::OutOfScope,
+            message,
+        }) => {
+            assert!(
+                message.contains("GET /ok/**"),
+                "the reason names the rules: {message}"
+            )
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(code(c.call(call_req(&token, "POST", "/ok/x")).await), ErrorCode::OutOfScope);
+    assert_eq!(
+        code(c.call(call_req(&token, "POST", "/ok/x")).await),
+        ErrorCode::OutOfScope
+    );
     let mut wrong = call_req(&token, "GET", "/ok/x");
     wrong.service = Some("other".into());
     assert_eq!(code(c.call(wrong).await), ErrorCode::WrongService);
 
     // Path tricks are refused before any token logic.
-    for p in ["/ok/../admin", "/ok/%2e%2e/admin", "/ok//x", "http://evil.example/ok/x"] {
-        assert_eq!(code(c.call(call_req(&token, "GET", p)).await), ErrorCode::BadRequest, "{p}");
+    for p in [
+        "/ok/../admin",
+        "/ok/%2e%2e/admin",
+        "/ok//x",
+        "http://evil.example/ok/x",
+    ] {
+        assert_eq!(
+            code(c.call(call_req(&token, "GET", p)).await),
+            ErrorCode::BadRequest,
+            "{p}"
+        );
     }
 
     // Revoked.
-    let revoked = c.mint(mint_req("echo", &["GET /ok/**"], 1)).await.expect("mint");
-    c.revoke(RevokeTarget::Token(revoked.info.id.clone())).await.expect("revoke");
-    assert_eq!(code(c.call(call_req(&revoked.token, "GET", "/ok/x")).await), ErrorCode::Revoked);
+    let revoked = c
+        .mint(mint_req("echo", &["GET /ok/**"], 1))
+        .await
+        .expect("mint");
+    c.revoke(RevokeTarget::Token(revoked.info.id.clone()))
+        .await
+        .expect("revoke");
+    assert_eq!(
+        code(c.call(call_req(&revoked.token, "GET", "/ok/x")).await),
+        ErrorCode::Revoked
+    );
 
     // Expired: minted for one second, used once the clock has passed its expiry.
     let mut short = mint_req("echo", &["GET /ok/**"], 1);
     short.ttl_secs = Some(1);
     let short = c.mint(short).await.expect("mint");
     let expires = short.info.expires_at.expect("expiry");
-    while SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() < expires {
+    while SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        < expires
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(code(c.call(call_req(&short.token, "GET", "/ok/x")).await), ErrorCode::Expired);
+    assert_eq!(
+        code(c.call(call_req(&short.token, "GET", "/ok/x")).await),
+        ErrorCode::Expired
+    );
 
     assert_eq!(up.hits(), 0, "nothing may reach the upstream");
     let info = c.inspect(&token).await.expect("inspect");
-    assert_eq!((info.used, info.remaining), (0, 2), "refusals cost no activation");
-    let r = c.call(call_req(&token, "GET", "/ok/x")).await.expect("the token still works");
+    assert_eq!(
+        (info.used, info.remaining),
+        (0, 2),
+        "refusals cost no activation"
+    );
+    let r = c
+        .call(call_req(&token, "GET", "/ok/x"))
+        .await
+        .expect("the token still works");
     assert_eq!(r.activations_remaining, 1);
 
     let audit = d.audit_text();
-    for reason in ["bad_token", "out_of_scope", "wrong_service", "revoked", "expired"] {
+    for reason in [
+        "bad_token",
+        "out_of_scope",
+        "wrong_service",
+        "revoked",
+        "expired",
+    ] {
         assert!(audit.contains(reason), "audit lacks a {reason} denial");
     }
 }
@@ -204,20 +300,42 @@ async fn minting_outside_the_ceiling_is_refused() {
     let d = TestDaemon::start(&up);
     let mut c = d.client().await;
     match c.mint(mint_req("other", &["POST /x"], 1)).await {
-        Err(ClientError::Refused { code: ErrorCode::OverCeiling, message }) => {
-            assert!(message.contains("GET /**"), "the reason names the ceiling: {message}")
+        Err(ClientError::Refused {
+            code: ErrorCode::OverCeiling,
+            message,
+        }) => {
+            assert!(
+                message.contains("GET /**"),
+                "the reason names the ceiling: {message}"
+            )
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(code(c.mint(mint_req("other", &["GET /x"], 6)).await), ErrorCode::OverCeiling);
+    assert_eq!(
+        code(c.mint(mint_req("other", &["GET /x"], 6)).await),
+        ErrorCode::OverCeiling
+    );
     let mut long = mint_req("other", &["GET /x"], 1);
     long.ttl_secs = Some(7200);
     assert_eq!(code(c.mint(long).await), ErrorCode::OverCeiling);
-    assert_eq!(code(c.mint(mint_req("nope", &[], 1)).await), ErrorCode::UnknownService);
-    assert_eq!(code(c.mint(mint_req("other", &["GET /a/../b"], 1)).await), ErrorCode::BadRequest);
-    assert_eq!(c.tokens(true).await.expect("tokens").tokens.len(), 0, "nothing was minted");
+    assert_eq!(
+        code(c.mint(mint_req("nope", &[], 1)).await),
+        ErrorCode::UnknownService
+    );
+    assert_eq!(
+        code(c.mint(mint_req("other", &["GET /a/../b"], 1)).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        c.tokens(true).await.expect("tokens").tokens.len(),
+        0,
+        "nothing was minted"
+    );
     // Without --allow: the whole ceiling.
-    let m = c.mint(mint_req("other", &[], 5)).await.expect("mint the ceiling");
+    let m = c
+        .mint(mint_req("other", &[], 5))
+        .await
+        .expect("mint the ceiling");
     assert_eq!(m.info.rules, vec!["GET /**".to_string()]);
 }
 
@@ -239,30 +357,61 @@ async fn the_key_reaches_the_upstream_and_never_the_caller() {
         req.token = None;
         req.service = Some(service.into());
         // A caller-supplied credential header must be dropped, not forwarded.
-        req.headers = vec![("Authorization".into(), "Bearer till_fake".into()), ("X-Trace".into(), "1".into())];
+        req.headers = vec![
+            ("Authorization".into(), "Bearer till_fake".into()),
+            ("X-Trace".into(), "1".into()),
+        ];
         let reply = c.call(req).await.expect("call");
         assert_eq!(reply.status, 200);
         let body = String::from_utf8_lossy(&reply.body);
-        assert!(!body.contains(secret), "{service}: the key came back in the body: {body}");
+        assert!(
+            !body.contains(secret),
+            "{service}: the key came back in the body: {body}"
+        );
         assert!(body.contains("[redacted by till]"), "{service}: {body}");
         for (k, v) in &reply.headers {
-            assert!(!v.contains(secret), "{service}: the key came back in header {k}");
+            assert!(
+                !v.contains(secret),
+                "{service}: the key came back in header {k}"
+            );
         }
     }
     let seen = up.seen();
-    assert_eq!(seen[0].headers.get("authorization").map(String::as_str), Some(format!("Bearer {SECRET}").as_str()));
-    assert_eq!(seen[0].headers.get("x-trace").map(String::as_str), Some("1"));
+    assert_eq!(
+        seen[0].headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_eq!(
+        seen[0].headers.get("x-trace").map(String::as_str),
+        Some("1")
+    );
     assert_eq!(seen[0].path_and_query, "/v1/echo?x=1");
-    assert_eq!(seen[1].headers.get("x-api-key").map(String::as_str), Some(OTHER_SECRET));
-    assert_eq!(seen[1].path_and_query, "/other/v1/echo", "the base path prefix is kept");
-    assert!(!seen[1].headers.contains_key("authorization"), "the caller's Authorization is dropped");
+    assert_eq!(
+        seen[1].headers.get("x-api-key").map(String::as_str),
+        Some(OTHER_SECRET)
+    );
+    assert_eq!(
+        seen[1].path_and_query, "/other/v1/echo",
+        "the base path prefix is kept"
+    );
+    assert!(
+        !seen[1].headers.contains_key("authorization"),
+        "the caller's Authorization is dropped"
+    );
     assert_eq!(seen[2].path_and_query, format!("/v1/echo?x=1&key={SECRET}"));
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("api:{SECRET}"));
-    assert_eq!(seen[3].headers.get("authorization"), Some(&format!("Basic {basic}")));
+    assert_eq!(
+        seen[3].headers.get("authorization"),
+        Some(&format!("Basic {basic}"))
+    );
 
     // The CLI path too.
     let out = d.till(&["call", "echo", "GET", "/v1/cli"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for stream in [&out.stdout, &out.stderr] {
         assert!(!String::from_utf8_lossy(stream).contains(SECRET));
     }
@@ -286,7 +435,10 @@ async fn redirects_are_not_followed_to_another_origin() {
     req.token = None;
     req.service = Some("echo".into());
     let reply = c.call(req).await.expect("call");
-    assert_eq!(reply.status, 302, "the redirect goes back to the caller as it is");
+    assert_eq!(
+        reply.status, 302,
+        "the redirect goes back to the caller as it is"
+    );
     assert_eq!(thief.hits(), 0, "the other origin must never be contacted");
 }
 
@@ -295,25 +447,45 @@ async fn socket_is_0600_single_instance_and_stale_socket_is_replaced() {
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);
     let tmp = d.keep_dir();
-    let mode = std::fs::metadata(&d.socket).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
-    let state_mode = std::fs::metadata(d.dir.join("state")).expect("state").permissions().mode();
+    let state_mode = std::fs::metadata(d.dir.join("state"))
+        .expect("state")
+        .permissions()
+        .mode();
     assert_eq!(state_mode & 0o777, 0o700);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).expect("limits");
-    let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core line");
-    assert!(core.split_whitespace().nth(4) == Some("0"), "core dumps must be off: {core}");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert!(
+        core.split_whitespace().nth(4) == Some("0"),
+        "core dumps must be off: {core}"
+    );
 
     let second = TestDaemon::try_start_in(&d.dir);
     match second {
         Err(msg) => assert!(msg.contains("already serving"), "{msg}"),
         Ok(_) => panic!("a second tilld started on the same socket"),
     }
-    d.client().await.status().await.expect("the first one still serves");
+    d.client()
+        .await
+        .status()
+        .await
+        .expect("the first one still serves");
 
     d.kill9();
     assert!(d.socket.exists(), "kill -9 leaves the socket file behind");
     let d2 = TestDaemon::start_in(&d.dir);
-    d2.client().await.status().await.expect("the restarted daemon serves");
+    d2.client()
+        .await
+        .status()
+        .await
+        .expect("the restarted daemon serves");
     assert!(d2.log_text().contains("removed a stale socket file"));
     drop(tmp);
 }
@@ -336,12 +508,23 @@ async fn admin_operations_need_an_admin_uid() {
     // The test runs as some uid that is not 4242, so it is not an admin here.
     let d = TestDaemon::start_extra(&up, "admin_uids = [4242]");
     let mut c = d.client().await;
-    let mine = c.mint(mint_req("echo", &["GET /a"], 1)).await.expect("anyone may mint");
-    assert_eq!(code(c.revoke(RevokeTarget::All).await), ErrorCode::Forbidden);
-    assert_eq!(code(c.revoke(RevokeTarget::Service("echo".into())).await), ErrorCode::Forbidden);
+    let mine = c
+        .mint(mint_req("echo", &["GET /a"], 1))
+        .await
+        .expect("anyone may mint");
+    assert_eq!(
+        code(c.revoke(RevokeTarget::All).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(c.revoke(RevokeTarget::Service("echo".into())).await),
+        ErrorCode::Forbidden
+    );
     assert_eq!(code(c.audit(None).await), ErrorCode::Forbidden);
     assert_eq!(c.tokens(false).await.expect("own tokens").tokens.len(), 1);
-    c.revoke(RevokeTarget::Token(mine.info.id)).await.expect("a minter may revoke its own token");
+    c.revoke(RevokeTarget::Token(mine.info.id))
+        .await
+        .expect("a minter may revoke its own token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,13 +532,30 @@ async fn revoke_by_service_and_all() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);
     let mut c = d.client().await;
-    let a = c.mint(mint_req("echo", &["GET /a"], 1)).await.expect("mint").token;
-    let b = c.mint(mint_req("other", &["GET /a"], 1)).await.expect("mint").token;
-    let r = c.revoke(RevokeTarget::Service("echo".into())).await.expect("revoke service");
+    let a = c
+        .mint(mint_req("echo", &["GET /a"], 1))
+        .await
+        .expect("mint")
+        .token;
+    let b = c
+        .mint(mint_req("other", &["GET /a"], 1))
+        .await
+        .expect("mint")
+        .token;
+    let r = c
+        .revoke(RevokeTarget::Service("echo".into()))
+        .await
+        .expect("revoke service");
     assert_eq!(r.revoked.len(), 1);
-    assert_eq!(code(c.call(call_req(&a, "GET", "/a")).await), ErrorCode::Revoked);
+    assert_eq!(
+        code(c.call(call_req(&a, "GET", "/a")).await),
+        ErrorCode::Revoked
+    );
     c.revoke(RevokeTarget::All).await.expect("revoke all");
-    assert_eq!(code(c.call(call_req(&b, "GET", "/a")).await), ErrorCode::Revoked);
+    assert_eq!(
+        code(c.call(call_req(&b, "GET", "/a")).await),
+        ErrorCode::Revoked
+    );
     assert_eq!(c.tokens(false).await.expect("tokens").tokens.len(), 0);
     assert_eq!(c.tokens(true).await.expect("tokens").tokens.len(), 2);
     assert_eq!(up.hits(), 0);

@@ -16,7 +16,8 @@ use crate::proxy::{self, Outgoing, ProxyError};
 use crate::store::TokenRecord;
 
 pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Response, Refusal> {
-    let method = Method::parse_request(&req.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let method =
+        Method::parse_request(&req.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let path = RequestPath::parse(&req.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let mut event = Event {
         service: req.service.clone(),
@@ -69,7 +70,16 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         headers: &req.headers,
         body: req.body,
     };
-    match proxy::forward(&svc.client, &svc.config, &svc.secret, &svc.scrubber, out, b.config.max_body).await {
+    match proxy::forward(
+        &svc.client,
+        &svc.config,
+        &svc.secret,
+        &svc.scrubber,
+        out,
+        b.config.max_body,
+    )
+    .await
+    {
         Ok(reply) => Ok(Response::Called(CallReply {
             status: reply.status,
             headers: reply.headers,
@@ -134,7 +144,10 @@ fn resolve(
         }
         (None, Some(service)) => {
             let rule = Rule::exact(method, path);
-            Ok((claims_for(b, peer, service, vec![rule], Some(1), None, false)?, true))
+            Ok((
+                claims_for(b, peer, service, vec![rule], Some(1), None, false)?,
+                true,
+            ))
         }
         (None, None) => Err(Refusal::bad_request(
             "a call needs a token, or a service to mint a one-shot token for",
@@ -166,7 +179,10 @@ fn check_claims(
     {
         return Err(Refusal::new(
             ErrorCode::WrongHolder,
-            format!("this token is bound to uid {uid} and cannot be spent by uid {}", peer.uid),
+            format!(
+                "this token is bound to uid {uid} and cannot be spent by uid {}",
+                peer.uid
+            ),
         ));
     }
     Ok(())

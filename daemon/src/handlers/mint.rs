@@ -55,7 +55,9 @@ pub fn claims_for(
     }
     let ttl = ttl.unwrap_or_else(|| b.config.default_ttl.min(svc.max_ttl));
     if ttl.is_zero() {
-        return Err(Refusal::bad_request("a token's lifetime must be longer than zero"));
+        return Err(Refusal::bad_request(
+            "a token's lifetime must be longer than zero",
+        ));
     }
     if ttl > svc.max_ttl {
         return Err(Refusal::new(

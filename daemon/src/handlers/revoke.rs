@@ -69,14 +69,20 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
                     pending.push(b.store.put_durable(rec));
                     newly.push((*id, rec.service.clone()));
                 }
-                if matches!(req.target, RevokeTarget::Token(_)) || newly.last().is_some_and(|n| n.0 == *id) {
+                if matches!(req.target, RevokeTarget::Token(_))
+                    || newly.last().is_some_and(|n| n.0 == *id)
+                {
                     infos.push(rec.info(now));
                 }
             }
         }
     }
     for result in join_all(pending.into_iter().map(|d| d.wait())).await {
-        result.map_err(|e| Refusal::internal(format!("{e}; the revocation may not have been recorded, try again")))?;
+        result.map_err(|e| {
+            Refusal::internal(format!(
+                "{e}; the revocation may not have been recorded, try again"
+            ))
+        })?;
     }
     let events = newly.into_iter().map(|(id, service)| {
         b.audit(

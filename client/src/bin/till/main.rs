@@ -17,7 +17,11 @@ use till_client::{Client, ClientError, socket_path};
 use till_protocol::{CallRequest, MintRequest, RevokeTarget, Token};
 
 #[derive(Parser)]
-#[command(name = "till", version, about = "Use API keys without holding them: mint, call, inspect and revoke Till tokens")]
+#[command(
+    name = "till",
+    version,
+    about = "Use API keys without holding them: mint, call, inspect and revoke Till tokens"
+)]
 struct Cli {
     /// The daemon's socket (else $TILL_SOCKET, else the default path).
     #[arg(long, global = true, value_name = "PATH")]
@@ -120,7 +124,10 @@ struct Failed(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("till: {e}");
@@ -197,7 +204,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let s = connect(&cli.socket).await?.services().await?;
             output::services(&s.services);
         }
-        Cmd::Mint { service, allow, uses, ttl, note, bind, json } => {
+        Cmd::Mint {
+            service,
+            allow,
+            uses,
+            ttl,
+            note,
+            bind,
+            json,
+        } => {
             let reply = connect(&cli.socket)
                 .await?
                 .mint(MintRequest {
@@ -215,7 +230,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", reply.token);
             }
         }
-        Cmd::Call { service, method, path, data, headers, token, fail } => {
+        Cmd::Call {
+            service,
+            method,
+            path,
+            data,
+            headers,
+            token,
+            fail,
+        } => {
             let req = CallRequest {
                 token,
                 service: Some(service),
@@ -251,16 +274,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 output::token(&info);
             }
         }
-        Cmd::Revoke { token, service, all } => {
+        Cmd::Revoke {
+            token,
+            service,
+            all,
+        } => {
             let target = match (token, service, all) {
                 (Some(t), _, _) => RevokeTarget::Token(t),
                 (None, Some(s), _) => RevokeTarget::Service(s),
                 (None, None, true) => RevokeTarget::All,
-                (None, None, false) => bail!("say what to revoke: an id or token, --service S, or --all"),
+                (None, None, false) => {
+                    bail!("say what to revoke: an id or token, --service S, or --all")
+                }
             };
             let reply = connect(&cli.socket).await?.revoke(target).await?;
             for t in &reply.revoked {
-                println!("revoked {} ({}, {} of {} activation(s) used)", t.id, t.service, t.used, t.uses);
+                println!(
+                    "revoked {} ({}, {} of {} activation(s) used)",
+                    t.id, t.service, t.used, t.uses
+                );
             }
             if reply.revoked.is_empty() {
                 println!("nothing to revoke");
@@ -279,7 +311,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Pubkey => {
             let reply = connect(&cli.socket).await?.pubkey().await?;
             for k in &reply.keys {
-                println!("{} {}{}", k.key_id, k.public_key, if k.current { " (current)" } else { "" });
+                println!(
+                    "{} {}{}",
+                    k.key_id,
+                    k.public_key,
+                    if k.current { " (current)" } else { "" }
+                );
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
@@ -317,7 +354,9 @@ async fn verify(socket: &Option<PathBuf>, token: &str, mut keys: Vec<String>) ->
     }
     output::claims(t.claims());
     if !verified {
-        return Err(Failed("the signature does not verify with any of the given keys".into()).into());
+        return Err(
+            Failed("the signature does not verify with any of the given keys".into()).into(),
+        );
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -326,6 +365,9 @@ async fn verify(socket: &Option<PathBuf>, token: &str, mut keys: Vec<String>) ->
     if t.claims().expires_at.is_some_and(|e| now >= e) {
         return Err(Failed("the signature is valid but the token has expired".into()).into());
     }
-    println!("signature valid (key {}); activations left are known only to the daemon (`till inspect`)", t.claims().key_id);
+    println!(
+        "signature valid (key {}); activations left are known only to the daemon (`till inspect`)",
+        t.claims().key_id
+    );
     Ok(ExitCode::SUCCESS)
 }

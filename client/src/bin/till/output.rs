@@ -10,7 +10,10 @@ fn time(secs: u64) -> String {
 
 pub fn status(s: &StatusReply) {
     println!("tilld {}", s.version);
-    println!("uptime       {}", humantime::format_duration(Duration::from_secs(s.uptime_secs)));
+    println!(
+        "uptime       {}",
+        humantime::format_duration(Duration::from_secs(s.uptime_secs))
+    );
     println!("socket       {}", s.socket);
     println!("gateway      {}", s.gateway.as_deref().unwrap_or("off"));
     println!("services     {}", s.services);
@@ -19,10 +22,19 @@ pub fn status(s: &StatusReply) {
 
 pub fn services(list: &[ServiceInfo]) {
     if list.is_empty() {
-        println!("no services: start tilld with a provider key in its environment (e.g. OPENAI_API_KEY) or configure till.toml");
+        println!(
+            "no services: start tilld with a provider key in its environment (e.g. OPENAI_API_KEY) or configure till.toml"
+        );
     }
     for s in list {
-        println!("{}  {}  ({}; at most {} activations and {} per token)", s.name, s.base_url, s.inject, s.max_uses, humantime::format_duration(Duration::from_secs(s.max_ttl_secs)));
+        println!(
+            "{}  {}  ({}; at most {} activations and {} per token)",
+            s.name,
+            s.base_url,
+            s.inject,
+            s.max_uses,
+            humantime::format_duration(Duration::from_secs(s.max_ttl_secs))
+        );
         for r in &s.allow {
             println!("    {r}");
         }
@@ -34,7 +46,10 @@ pub fn tokens(list: &[TokenInfo]) {
         println!("no tokens");
         return;
     }
-    println!("{:<32}  {:<12}  {:<8}  {:>9}  {:<20}  RULES", "ID", "SERVICE", "STATE", "LEFT", "EXPIRES");
+    println!(
+        "{:<32}  {:<12}  {:<8}  {:>9}  {:<20}  RULES",
+        "ID", "SERVICE", "STATE", "LEFT", "EXPIRES"
+    );
     for t in list {
         println!(
             "{:<32}  {:<12}  {:<8}  {:>9}  {:<20}  {}",
@@ -52,9 +67,15 @@ pub fn token(t: &TokenInfo) {
     println!("id           {}", t.id);
     println!("service      {}", t.service);
     println!("state        {}", t.state.as_str());
-    println!("activations  {} left of {} ({} used)", t.remaining, t.uses, t.used);
+    println!(
+        "activations  {} left of {} ({} used)",
+        t.remaining, t.uses, t.used
+    );
     println!("issued       {}", time(t.issued_at));
-    println!("expires      {}", t.expires_at.map(time).unwrap_or_else(|| "never".into()));
+    println!(
+        "expires      {}",
+        t.expires_at.map(time).unwrap_or_else(|| "never".into())
+    );
     println!("signing key  {}", t.key_id);
     if let Some(p) = &t.parent {
         println!("parent       {p}");
@@ -76,7 +97,10 @@ pub fn claims(c: &Claims) {
     println!("service      {}", c.service);
     println!("activations  {}", c.uses);
     println!("issued       {}", time(c.issued_at));
-    println!("expires      {}", c.expires_at.map(time).unwrap_or_else(|| "never".into()));
+    println!(
+        "expires      {}",
+        c.expires_at.map(time).unwrap_or_else(|| "never".into())
+    );
     println!("signing key  {}", c.key_id);
     if let Some(p) = c.parent {
         println!("parent       {p}");
@@ -109,7 +133,9 @@ pub fn audit(lines: &[String]) {
             s("token_id"),
             s("service"),
             target,
-            v["peer"]["uid"].as_u64().map_or("-".into(), |u| u.to_string()),
+            v["peer"]["uid"]
+                .as_u64()
+                .map_or("-".into(), |u| u.to_string()),
             s("reason")
         );
     }

@@ -1,0 +1,154 @@
+//! The `till` CLI as a user types it: exit codes, the walkthrough of the README.
+
+use std::process::Command;
+
+use till_tests::{SECRET, TestDaemon, Upstream, bin};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exits_3_with_help_when_nothing_listens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("nothing.sock");
+    let out = Command::new(bin("till"))
+        .args(["--socket", socket.to_str().expect("utf8"), "status"])
+        .output()
+        .expect("run till");
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(socket.to_str().expect("utf8")),
+        "says where it looked: {err}"
+    );
+    assert!(err.contains("tilld"), "says how to start it: {err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = Command::new(bin("till"))
+        .args(["mint"])
+        .output()
+        .expect("run till");
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin("till"))
+        .args(["revoke"])
+        .output()
+        .expect("run till");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walkthrough_start_mint_call_inspect_revoke() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+
+    let out = d.till(&["status"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("services     4"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = d.till(&["services"]);
+    let services = text(&out.stdout);
+    assert!(
+        services.contains("echo") && services.contains("GET /**"),
+        "{services}"
+    );
+    assert!(!services.contains(SECRET));
+
+    let out = d.till(&[
+        "mint",
+        "echo",
+        "--allow",
+        "POST /v1/chat",
+        "--uses",
+        "2",
+        "--ttl",
+        "10m",
+        "--note",
+        "demo",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    assert!(token.starts_with("till_") && token.len() < 400 && !token.contains('\n'));
+
+    let out = d.till(&[
+        "call",
+        "echo",
+        "POST",
+        "/v1/chat",
+        "-d",
+        "{\"q\":1}",
+        "-H",
+        "Content-Type: application/json",
+        "--token",
+        &token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("\\\"q\\\":1"),
+        "the body is echoed: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("HTTP 200")
+            && text(&out.stderr).contains("1 activation(s) left")
+    );
+
+    // Outside the token's scope: refused, exit 1, a reason that names the rule.
+    let out = d.till(&["call", "echo", "GET", "/v1/other", "--token", &token]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("POST /v1/chat"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = d.till(&["inspect", &token]);
+    let inspect = text(&out.stdout);
+    assert!(
+        inspect.contains("1 left of 2") && inspect.contains("note         demo"),
+        "{inspect}"
+    );
+
+    let out = d.till(&["tokens", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = list[0]["id"].as_str().expect("id").to_owned();
+
+    let out = d.till(&["pubkey"]);
+    let key = text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("key")
+        .to_owned();
+    let out = d.till(&["verify", &token, "--key", &key]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("signature valid"));
+    let at = token.len() - 10;
+    let swapped = if &token[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
+    let out = d.till(&["verify", &forged, "--key", &key]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = d.till(&["revoke", &id]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains(&format!("revoked {id}")));
+    let out = d.till(&["call", "echo", "POST", "/v1/chat", "--token", &token]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("revoked"));
+
+    // --fail: exit 1 on an upstream status of 400 or more; a one-shot token otherwise.
+    let out = d.till(&["call", "echo", "GET", "/redirect", "--fail"]);
+    assert_eq!(out.status.code(), Some(0), "302 is not a failure");
+
+    let out = d.till(&["audit"]);
+    let audit = text(&out.stdout);
+    for e in ["mint", "activate", "deny", "revoke"] {
+        assert!(audit.contains(e), "the audit shows {e}: {audit}");
+    }
+    assert!(!audit.contains(&token), "never a whole token in the trail");
+}

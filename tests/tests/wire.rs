@@ -1,0 +1,122 @@
+//! Malformed input on the native socket: each gets a clear error, and the daemon keeps serving.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::Value;
+use till_tests::{TestDaemon, Upstream};
+
+fn frame(json: &[u8]) -> Vec<u8> {
+    let mut out = (json.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(json);
+    out
+}
+
+fn read_reply(s: &mut UnixStream) -> Value {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("reply length");
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).expect("reply body");
+    serde_json::from_slice(&buf).expect("reply is JSON")
+}
+
+fn connect(d: &TestDaemon) -> UnixStream {
+    let s = UnixStream::connect(&d.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s
+}
+
+fn hello(s: &mut UnixStream) {
+    s.write_all(&frame(
+        br#"{"type":"hello","protocol_version":1,"client":"raw test"}"#,
+    ))
+    .expect("write hello");
+    assert_eq!(read_reply(s)["type"], "hello");
+}
+
+fn assert_error(v: &Value, code: &str, contains: &str) {
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], code, "{v}");
+    let msg = v["message"].as_str().expect("message");
+    assert!(
+        msg.contains(contains),
+        "{msg:?} should mention {contains:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_clear_errors_and_the_daemon_keeps_serving() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    // A well-behaved client stays connected throughout.
+    let mut bystander = d.client().await;
+
+    // Garbage JSON after a good hello: an error, and the same connection still works.
+    let mut s = connect(&d);
+    hello(&mut s);
+    s.write_all(&frame(b"\x00\xffnot json at all"))
+        .expect("write");
+    assert_error(&read_reply(&mut s), "bad_frame", "not a valid request");
+    s.write_all(&frame(br#"{"type":"launch_missiles"}"#))
+        .expect("write");
+    assert_error(&read_reply(&mut s), "bad_frame", "unknown variant");
+    s.write_all(&frame(br#"{"type":"status"}"#)).expect("write");
+    assert_eq!(read_reply(&mut s)["type"], "status");
+
+    // Not a hello first.
+    let mut s = connect(&d);
+    s.write_all(&frame(br#"{"type":"status"}"#)).expect("write");
+    assert_error(
+        &read_reply(&mut s),
+        "bad_request",
+        "first message must be hello",
+    );
+
+    // A wrong protocol version says what to upgrade.
+    let mut s = connect(&d);
+    s.write_all(&frame(
+        br#"{"type":"hello","protocol_version":999,"client":"future"}"#,
+    ))
+    .expect("write");
+    assert_error(
+        &read_reply(&mut s),
+        "version_mismatch",
+        "upgrade the daemon",
+    );
+
+    // A frame over the limit: refused from its length prefix, before anything is allocated.
+    let mut s = connect(&d);
+    hello(&mut s);
+    s.write_all(&(u32::MAX).to_be_bytes()).expect("write");
+    assert_error(&read_reply(&mut s), "bad_frame", "larger than the limit");
+
+    // A truncated frame: the length says 100, 10 bytes come, then the writer closes.
+    let mut s = connect(&d);
+    hello(&mut s);
+    s.write_all(&100u32.to_be_bytes()).expect("write");
+    s.write_all(b"{\"type\":\"s").expect("write");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    assert_error(&read_reply(&mut s), "bad_frame", "truncated");
+
+    // Random bytes as the very first frame.
+    let mut s = connect(&d);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let v = read_reply(&mut s);
+    assert_eq!(v["type"], "error");
+
+    bystander
+        .status()
+        .await
+        .expect("the bystander is still served");
+    let fresh = d
+        .client()
+        .await
+        .status()
+        .await
+        .expect("new connections are served");
+    assert_eq!(fresh.version, env!("CARGO_PKG_VERSION"));
+}
