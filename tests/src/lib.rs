@@ -271,7 +271,11 @@ impl TestDaemon {
             .arg("--config")
             .arg(&config)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("TILL_LOG", "debug")
+            // Tests log at debug, so a secret in any log line would be seen; benchmarks set TILL_LOG.
+            .env(
+                "TILL_LOG",
+                std::env::var("TILL_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)
