@@ -12,13 +12,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::peer::Peer;
 
@@ -81,21 +80,21 @@ struct Line<'a> {
     prev: &'a str,
 }
 
-struct Job {
-    kind: EventKind,
-    event: Event,
-    ack: oneshot::Sender<Result<(), String>>,
+struct Writer {
+    file: File,
+    seq: u64,
+    prev: String,
 }
 
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::UnboundedSender<Job>,
+    writer: Arc<Mutex<Writer>>,
     path: PathBuf,
 }
 
 impl Audit {
     /// Opens the trail for appending, continuing the chain from its last line.
-    pub fn open(path: &Path) -> Result<(Audit, JoinHandle<()>)> {
+    pub fn open(path: &Path) -> Result<Audit> {
         if let Some(dir) = path.parent() {
             crate::create_private_dir(dir)?;
         }
@@ -107,27 +106,25 @@ impl Audit {
             .open(path)
             .with_context(|| format!("cannot open the audit trail {}", path.display()))?;
         let (seq, prev) = last_link(&mut file)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let handle = std::thread::Builder::new()
-            .name("till-audit".into())
-            .spawn(move || writer(file, seq, prev, rx))?;
-        Ok((
-            Audit {
-                tx,
-                path: path.to_owned(),
-            },
-            handle,
-        ))
+        Ok(Audit {
+            writer: Arc::new(Mutex::new(Writer { file, seq, prev })),
+            path: path.to_owned(),
+        })
     }
 
-    /// Appends an event and waits until it is written.
-    pub async fn record(&self, kind: EventKind, event: Event) -> Result<(), String> {
-        let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Job { kind, event, ack })
-            .map_err(|_| "the audit writer has stopped".to_string())?;
-        rx.await
-            .unwrap_or_else(|_| Err("the audit writer has stopped".into()))
+    /// Appends an event; returns once its line is written. Lines never interleave: numbering,
+    /// chaining and the write happen under one lock.
+    pub fn record(&self, kind: EventKind, event: Event) -> Result<(), String> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = w.seq + 1;
+        let (line, hash) = chain_line(seq, kind, &event, &w.prev);
+        w.file.write_all(line.as_bytes()).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+            "the audit trail could not be written".to_string()
+        })?;
+        w.seq = seq;
+        w.prev = hash;
+        Ok(())
     }
 
     /// The last `n` lines of the trail, oldest first.
@@ -243,38 +240,6 @@ pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
         count += 1;
     }
     Ok(count)
-}
-
-fn writer(mut file: File, mut seq: u64, mut prev: String, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut batch = Vec::new();
-    let mut buf = String::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        buf.clear();
-        let (start_seq, start_prev) = (seq, prev.clone());
-        for job in &batch {
-            seq += 1;
-            let (line, hash) = chain_line(seq, job.kind, &job.event, &prev);
-            buf.push_str(&line);
-            prev = hash;
-        }
-        // One write for the whole batch: lines from concurrent requests are never interleaved.
-        let result = file.write_all(buf.as_bytes()).map_err(|e| {
-            tracing::error!(error = %e, "audit write failed");
-            "the audit trail could not be written".to_string()
-        });
-        if result.is_err() {
-            // Nothing of the batch counts: continue the chain from where it was.
-            seq = start_seq;
-            prev = start_prev;
-        }
-        for job in batch.drain(..) {
-            let _ = job.ack.send(result.clone());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -164,17 +164,17 @@ impl Broker {
     }
 
     /// Appends an audit event; a failure becomes a refusal (fail closed).
-    pub async fn audit(&self, kind: EventKind, event: Event) -> Result<(), Refusal> {
-        self.audit.record(kind, event).await.map_err(|e| {
+    pub fn audit(&self, kind: EventKind, event: Event) -> Result<(), Refusal> {
+        self.audit.record(kind, event).map_err(|e| {
             Refusal::internal(format!("{e}; Till refuses to act without an audit record"))
         })
     }
 
     /// Records a denial in the trail and returns the refusal to send back.
-    pub async fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
+    pub fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
         event.peer = Some(PeerJson::from(peer));
         event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
-        if let Err(e) = self.audit.record(EventKind::Deny, event).await {
+        if let Err(e) = self.audit.record(EventKind::Deny, event) {
             tracing::error!(error = %e, "could not audit a denial");
         }
         refusal

@@ -86,7 +86,7 @@ pub async fn run(
     create_private_dir(&cfg.state_dir)?;
     let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
     let (store, records, store_thread) = store::Store::open(&cfg.state_dir)?;
-    let (audit, audit_thread) = Audit::open(&cfg.audit_log)?;
+    let audit = Audit::open(&cfg.audit_log)?;
     let socket = cfg.socket.clone();
     let broker = Broker::new(loaded, keyring, store, audit.clone(), records)?;
     let me = PeerJson::from(&Peer::daemon());
@@ -103,7 +103,6 @@ pub async fn run(
                 ..Event::default()
             },
         )
-        .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let tracker = TaskTracker::new();
@@ -117,33 +116,27 @@ pub async fn run(
     let drained = tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
         .await
         .is_ok();
-    let _ = audit
-        .record(
-            EventKind::Stop,
-            Event {
-                peer: Some(me),
-                reason: Some(
-                    if drained {
-                        "clean shutdown"
-                    } else {
-                        "shutdown after the drain deadline"
-                    }
-                    .into(),
-                ),
-                ..Event::default()
-            },
-        )
-        .await;
+    let _ = audit.record(
+        EventKind::Stop,
+        Event {
+            peer: Some(me),
+            reason: Some(
+                if drained {
+                    "clean shutdown"
+                } else {
+                    "shutdown after the drain deadline"
+                }
+                .into(),
+            ),
+            ..Event::default()
+        },
+    );
     let _ = std::fs::remove_file(&socket);
     drop(broker);
     drop(audit);
     if drained {
-        // Every sender is gone, so both threads finish their last batch and return.
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = store_thread.join();
-            let _ = audit_thread.join();
-        })
-        .await;
+        // Every store handle is gone, so the committer writes its last batch and returns.
+        let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -3,21 +3,24 @@
 //! Why redb: pure Rust (no C build), one fdatasync per commit like SQLite in WAL/FULL mode with the
 //! same latency here, and an exclusive file lock that stops two daemons sharing a state dir.
 //!
-//! The committer is a thread that owns the database and takes jobs on a channel. It drains every
-//! job that is waiting and writes them in one transaction (group commit): under 16 concurrent
+//! The committer is a thread that owns the database. Jobs go into one queue; the committer takes
+//! everything waiting and writes it in one transaction (group commit): under 16 concurrent
 //! activations that is one fsync for up to 16 of them. A job with an `ack` needs durability (an
-//! activation, a revocation) and the batch is committed `Immediate`; a batch of mints only is
-//! committed without fsync and becomes durable with the next durable batch. Jobs are sent while
-//! the broker holds its state lock, so the channel's order is the order of the changes and a later
-//! snapshot of a record always lands after an earlier one.
+//! activation, a revocation): it wakes the committer, and its batch is committed `Immediate`. A
+//! mint does not wake anyone (a thread wake-up costs more than the mint itself on a small VM); it
+//! rides along with the next durable batch, or the committer's idle tick writes it without fsync.
+//! Jobs are queued while the broker holds its state lock, so the queue's order is the order of the
+//! changes and a later snapshot of a record always lands after an earlier one.
 
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 
@@ -45,9 +48,36 @@ struct Job {
     ack: Option<oneshot::Sender<Result<(), String>>>,
 }
 
+struct Queue {
+    jobs: Vec<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes the queue when the last `Store` handle is dropped, so the committer flushes and exits.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    tx: mpsc::UnboundedSender<Job>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
 }
 
 /// Waits for a durable write; dropping it does not cancel the write.
@@ -87,53 +117,93 @@ impl Store {
                 }
             }
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("till-store".into())
-            .spawn(move || committer(db, rx))?;
-        Ok((Store { tx }, records, handle))
+            .spawn(move || committer(db, &committer_shared))?;
+        Ok((
+            Store {
+                _closer: Arc::new(Closer(shared.clone())),
+                shared,
+            },
+            records,
+            handle,
+        ))
     }
 
-    fn send(&self, record: &TokenRecord, ack: Option<oneshot::Sender<Result<(), String>>>) {
+    fn push(&self, record: &TokenRecord, ack: Option<oneshot::Sender<Result<(), String>>>) {
         let value = serde_json::to_vec(record).unwrap_or_default();
-        // A send fails only after shutdown began; the ack's sender is dropped and the waiter
-        // gets an error, so nothing proceeds as if it were durable.
-        let _ = self.tx.send(Job {
+        let durable = ack.is_some();
+        let mut q = self.shared.lock();
+        let was_empty = q.jobs.is_empty();
+        q.jobs.push(Job {
             key: record.id,
             value,
             ack,
         });
+        drop(q);
+        // A durable job wakes the committer now; the first lazy job starts its idle tick.
+        if durable || was_empty {
+            self.shared.wake.notify_one();
+        }
     }
 
-    /// Queues a write without waiting (mints: durable with the next durable batch).
+    /// Queues a write without waiting (mints): it is written with the next durable batch, or after
+    /// the committer's idle tick, whichever comes first.
     pub fn put(&self, record: &TokenRecord) {
-        self.send(record, None);
+        self.push(record, None);
     }
 
     /// Queues a write that must be durable; await the result before acting on it.
     pub fn put_durable(&self, record: &TokenRecord) -> Durable {
         let (ack, rx) = oneshot::channel();
-        self.send(record, Some(ack));
+        self.push(record, Some(ack));
         Durable(rx)
     }
 }
 
-fn committer(db: Database, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut batch = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        let durable = batch.iter().any(|j| j.ack.is_some());
-        let result = write_batch(&db, &batch, durable).map_err(|e| {
-            tracing::error!(error = %e, "store commit failed");
-            "the daemon could not record this durably".to_string()
-        });
-        for job in batch.drain(..) {
-            if let Some(ack) = job.ack {
-                let _ = ack.send(result.clone());
+/// How often an idle committer writes queued mints that no durable write has carried along.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+
+fn committer(db: Database, shared: &Shared) {
+    loop {
+        let (batch, closed) = {
+            let mut q = shared.lock();
+            while q.jobs.is_empty() && !q.closed {
+                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
             }
+            if q.jobs.iter().all(|j| j.ack.is_none()) && !q.closed {
+                // Only mints: gather them for a tick, unless a durable job cuts the wait short.
+                q = shared
+                    .wake
+                    .wait_timeout(q, IDLE_TICK)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            (std::mem::take(&mut q.jobs), q.closed)
+        };
+        if !batch.is_empty() {
+            // The last batch is always durable, so a clean shutdown leaves every mint on disk.
+            let durable = closed || batch.iter().any(|j| j.ack.is_some());
+            let result = write_batch(&db, &batch, durable).map_err(|e| {
+                tracing::error!(error = %e, "store commit failed");
+                "the daemon could not record this durably".to_string()
+            });
+            for job in batch {
+                if let Some(ack) = job.ack {
+                    let _ = ack.send(result.clone());
+                }
+            }
+        }
+        if closed && shared.lock().jobs.is_empty() {
+            return;
         }
     }
 }

@@ -27,41 +27,32 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     };
     let early = check_request(b, &req);
     if let Err(refusal) = early {
-        return Err(b.deny(peer, event, refusal).await);
+        return Err(b.deny(peer, event, refusal));
     }
     let (claims, one_shot) = match resolve(b, peer, &req, method, &path) {
         Ok(x) => x,
-        Err(refusal) => return Err(b.deny(peer, event, refusal).await),
+        Err(refusal) => return Err(b.deny(peer, event, refusal)),
     };
     event.token_id = Some(claims.id.to_string());
     event.service = Some(claims.service.clone());
     if let Err(refusal) = check_claims(b, peer, &claims, method, &path) {
-        return Err(b.deny(peer, event, refusal).await);
+        return Err(b.deny(peer, event, refusal));
     }
     let fresh = one_shot.then(|| TokenRecord::from_claims(&claims, peer, Some("one-shot".into())));
     let (durable, remaining) = match b.reserve(claims.id, fresh) {
         Ok(x) => x,
-        Err(refusal) => return Err(b.deny(peer, event, refusal).await),
+        Err(refusal) => return Err(b.deny(peer, event, refusal)),
     };
     event.peer = Some(PeerJson::from(peer));
-    let mint_audit = async {
-        if one_shot {
-            b.audit(EventKind::Mint, mint_event(peer, &claims)).await
-        } else {
-            Ok(())
-        }
-    };
-    let (minted, activated, committed) = tokio::join!(
-        mint_audit,
-        b.audit(EventKind::Activate, event.clone()),
-        durable.wait()
-    );
-    if let Err(e) = committed {
+    if one_shot {
+        b.audit(EventKind::Mint, mint_event(peer, &claims))?;
+    }
+    if let Err(e) = durable.wait().await {
         b.unreserve(claims.id);
         return Err(Refusal::internal(format!("{e}; nothing was sent upstream")));
     }
-    minted?;
-    activated?;
+    // The activation is on disk; its audit line goes before a byte goes upstream.
+    b.audit(EventKind::Activate, event)?;
 
     let svc = b.service(&claims.service)?;
     let out = Outgoing {

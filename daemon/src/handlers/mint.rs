@@ -136,7 +136,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
     let record = TokenRecord::from_claims(&claims, peer, note);
     let info = record.info(now_secs());
     b.insert(record);
-    if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)).await {
+    if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)) {
         // Fail closed: a token whose mint is not in the trail must not work.
         if let Some(rec) = b.tokens().get_mut(&claims.id) {
             rec.revoked_at = Some(now_secs());

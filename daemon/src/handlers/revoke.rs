@@ -84,7 +84,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
             ))
         })?;
     }
-    let events = newly.into_iter().map(|(id, service)| {
+    for (id, service) in newly {
         b.audit(
             EventKind::Revoke,
             Event {
@@ -93,10 +93,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
                 peer: Some(PeerJson::from(peer)),
                 ..Event::default()
             },
-        )
-    });
-    for r in join_all(events).await {
-        r?;
+        )?;
     }
     Ok(Response::Revoked(RevokeReply { revoked: infos }))
 }
