@@ -24,6 +24,7 @@ const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
+const MAX_BODY_LIMIT: usize = 11 * 1024 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +267,11 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         bail!("defaults.uses must be at least 1");
     }
     let default_ttl = duration("defaults.ttl", &file.defaults.ttl, DEFAULT_TTL)?;
+    let max_body = d.max_body.unwrap_or(DEFAULT_MAX_BODY);
+    if max_body > MAX_BODY_LIMIT {
+        // A reply carries the body base64-encoded inside one frame of at most 16 MiB.
+        bail!("daemon.max_body = {max_body}: at most {MAX_BODY_LIMIT} bytes");
+    }
 
     let mut services = BTreeMap::new();
     for (name, section) in file.services {
@@ -281,7 +287,7 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         admin_uids,
         default_uses,
         default_ttl,
-        max_body: d.max_body.unwrap_or(DEFAULT_MAX_BODY),
+        max_body,
         services,
         source: None,
     })

@@ -152,3 +152,76 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
     }
     assert!(!audit.contains(&token), "never a whole token in the trail");
 }
+
+#[test]
+fn check_validates_config_and_refuses_loose_secret_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("till.toml"),
+        till_tests::standard_config(dir.path(), "http://127.0.0.1:9", ""),
+    )
+    .expect("config");
+    let check = || {
+        Command::new(bin("tilld"))
+            .arg("--check")
+            .arg("--config")
+            .arg(dir.path().join("till.toml"))
+            .output()
+            .expect("tilld --check")
+    };
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("OK (4 service(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let key = dir.path().join("echo.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(key.to_str().expect("utf8")) && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET));
+
+    std::fs::write(dir.path().join("till.toml"), "[daemon]\nsokcet = \"/x\"\n").expect("config");
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("sokcet"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn zero_config_serves_a_preset_for_each_provider_key_in_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin("tilld"))
+        .arg("--check")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env("OPENAI_API_KEY", "sk-zero-config-0123456789")
+        .env("GITHUB_TOKEN", "ghp_zeroconfig0123456789")
+        .output()
+        .expect("tilld --check");
+    // As root the default config path is /etc/till/till.toml; on a machine that has one, this
+    // test says nothing about the built-in defaults.
+    if std::path::Path::new("/etc/till/till.toml").exists() {
+        return;
+    }
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("built-in defaults: OK (2 service(s)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sk-zero-config"));
+}
