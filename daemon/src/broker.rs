@@ -67,6 +67,7 @@ pub struct Inner {
     pub store: Store,
     pub audit: Audit,
     pub started: Instant,
+    pub metrics: crate::metrics::Metrics,
     tokens: Mutex<HashMap<TokenId, TokenRecord>>,
 }
 
@@ -122,6 +123,7 @@ impl Broker {
             store,
             audit,
             started: Instant::now(),
+            metrics: crate::metrics::Metrics::default(),
             tokens: Mutex::new(tokens),
         })))
     }
@@ -129,6 +131,14 @@ impl Broker {
     /// The token table. Poisoning is ignored: every critical section leaves the map consistent.
     pub fn tokens(&self) -> MutexGuard<'_, HashMap<TokenId, TokenRecord>> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn live_tokens(&self) -> u64 {
+        let now = now_secs();
+        self.tokens()
+            .values()
+            .filter(|r| r.state(now) == TokenState::Live)
+            .count() as u64
     }
 
     pub fn is_admin(&self, peer: &Peer) -> bool {
@@ -174,6 +184,7 @@ impl Broker {
     pub fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
         event.peer = Some(PeerJson::from(peer));
         event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
+        self.metrics.refusal(refusal.code.as_str());
         if let Err(e) = self.audit.record(EventKind::Deny, event) {
             tracing::error!(error = %e, "could not audit a denial");
         }

@@ -45,6 +45,10 @@ struct DaemonSection {
     state_dir: Option<PathBuf>,
     audit_log: Option<PathBuf>,
     gateway: Option<String>,
+    /// Serve the gateway on a non-loopback address. Anyone who can reach it and holds a token
+    /// can spend it; off unless said here.
+    #[serde(default)]
+    gateway_allow_non_loopback: bool,
     admin_uids: Option<Vec<u32>>,
     max_body: Option<usize>,
 }
@@ -253,9 +257,13 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
                 anyhow!("daemon.gateway = {g:?}: write an address like \"127.0.0.1:8719\"")
             })?;
             if !addr.ip().is_loopback() {
-                bail!(
-                    "daemon.gateway = {g:?}: the gateway listens on loopback only (127.0.0.1 or ::1)"
-                );
+                if !d.gateway_allow_non_loopback {
+                    bail!(
+                        "daemon.gateway = {g:?}: the gateway listens on loopback only (127.0.0.1 or \
+                         ::1); set gateway_allow_non_loopback = true to serve it elsewhere"
+                    );
+                }
+                tracing::warn!(gateway = %addr, "the gateway is served on a non-loopback address");
             }
             Some(addr)
         }

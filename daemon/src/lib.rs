@@ -15,7 +15,9 @@
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod gateway;
 pub mod handlers;
+pub mod metrics;
 pub mod peer;
 pub mod presets;
 pub mod proxy;
@@ -80,8 +82,14 @@ fn notify(state: &str) {
 pub async fn run(
     loaded: Loaded,
     listener: UnixListener,
+    gateway_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let mut loaded = loaded;
+    if let Some(g) = &gateway_listener {
+        // The address actually bound (the config may say port 0), for `status` and the logs.
+        loaded.config.gateway = Some(g.local_addr()?);
+    }
     let cfg = &loaded.config;
     create_private_dir(&cfg.state_dir)?;
     let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
@@ -107,6 +115,15 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     tracing::info!(socket = %socket.display(), services = broker.services.len(), "tilld ready");
+    if let Some(g) = gateway_listener {
+        tracing::info!(gateway = %g.local_addr()?, "gateway listening");
+        tracker.spawn(gateway::serve(
+            g,
+            broker.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
     notify("READY=1");
     server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;
 

@@ -68,6 +68,14 @@ fn start(args: Args) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let (listener, _lock) = tilld::server::bind(&loaded.config.socket)?;
+        let gateway = match loaded.config.gateway {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on the gateway address {addr}"))?,
+            ),
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -83,6 +91,6 @@ fn start(args: Args) -> Result<()> {
             }
             s.cancel();
         });
-        tilld::run(loaded, listener, shutdown).await
+        tilld::run(loaded, listener, gateway, shutdown).await
     })
 }

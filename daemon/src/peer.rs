@@ -43,3 +43,19 @@ impl Peer {
         }
     }
 }
+
+/// The uid recorded for a gateway peer: TCP carries no credentials, so none is claimed. Tokens bound
+/// to a uid cannot be spent through the gateway, and nothing admin is served there.
+pub const UNKNOWN_UID: u32 = u32::MAX;
+
+impl Peer {
+    pub fn gateway(remote: std::net::SocketAddr) -> Peer {
+        Peer {
+            conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            uid: UNKNOWN_UID,
+            gid: UNKNOWN_UID,
+            pid: None,
+            exe: Some(format!("gateway client {remote}")),
+        }
+    }
+}

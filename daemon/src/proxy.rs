@@ -15,6 +15,7 @@ use reqwest::{Client, Url};
 use till_protocol::{Method, RequestPath};
 use zeroize::Zeroizing;
 
+use crate::broker::Service;
 use crate::config::{Inject, ServiceConfig};
 use crate::secret::Secret;
 
@@ -108,6 +109,22 @@ impl Scrubber {
         Scrubber { needles }
     }
 
+    /// The length of the longest suffix of `data` that is a proper prefix of some form of the key.
+    pub fn partial_suffix(&self, data: &[u8]) -> usize {
+        let longest = self.needles.iter().map(|n| n.len()).max().unwrap_or(0);
+        for k in (1..longest.min(data.len() + 1)).rev() {
+            let tail = &data[data.len() - k..];
+            if self
+                .needles
+                .iter()
+                .any(|n| n.len() > k && n.starts_with(tail))
+            {
+                return k;
+            }
+        }
+        0
+    }
+
     /// Replaces every occurrence of every form of the key.
     pub fn scrub(&self, data: &[u8]) -> Vec<u8> {
         let mut out = data.to_vec();
@@ -142,7 +159,7 @@ pub struct Outgoing<'a> {
     pub method: Method,
     pub path: &'a RequestPath,
     pub headers: &'a [(String, String)],
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 /// The URL the request goes to: the base URL with the validated path and query appended, and the
@@ -238,26 +255,23 @@ pub fn check_headers(headers: &[(String, String)]) -> Result<(), ProxyError> {
     Ok(())
 }
 
-pub async fn forward(
-    client: &Client,
-    svc: &ServiceConfig,
-    secret: &Secret,
-    scrubber: &Scrubber,
-    out: Outgoing<'_>,
-    max_body: usize,
-) -> Result<UpstreamReply, ProxyError> {
-    let url = target_url(svc, out.path, secret)?;
-    let headers = request_headers(svc, out.headers, secret)?;
+/// Sends the request and returns the upstream's answer with its body unread. Refuses an answer
+/// whose body is compressed (the scrubber could not see the key in it).
+pub async fn send(svc: &Service, out: Outgoing<'_>) -> Result<reqwest::Response, ProxyError> {
+    let cfg = &svc.config;
+    let url = target_url(cfg, out.path, &svc.secret)?;
+    let headers = request_headers(cfg, out.headers, &svc.secret)?;
     let method = reqwest::Method::from_bytes(out.method.as_str().as_bytes())
         .map_err(|_| ProxyError::Other("bad method".into()))?;
-    let mut req = client
+    let mut req = svc
+        .client
         .request(method, url)
         .headers(headers)
-        .timeout(svc.timeout);
+        .timeout(cfg.timeout);
     if !out.body.is_empty() {
         req = req.body(out.body);
     }
-    let mut resp = req.send().await.map_err(|e| classify(e, svc.timeout))?;
+    let resp = req.send().await.map_err(|e| classify(e, cfg.timeout))?;
     if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
         && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
     {
@@ -265,9 +279,12 @@ pub async fn forward(
             String::from_utf8_lossy(enc.as_bytes()).into_owned(),
         ));
     }
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
+    Ok(resp)
+}
+
+/// The answer's headers for the caller: hop-by-hop and length dropped, the key scrubbed.
+pub fn response_headers(resp: &reqwest::Response, scrubber: &Scrubber) -> Vec<(String, String)> {
+    resp.headers()
         .iter()
         .filter(|(k, _)| !DROPPED_RESPONSE_HEADERS.contains(&k.as_str()))
         .map(|(k, v)| {
@@ -277,9 +294,21 @@ pub async fn forward(
                 String::from_utf8_lossy(&clean).into_owned(),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Sends the request and reads the whole answer (the socket protocol's `call`).
+pub async fn forward(
+    svc: &Service,
+    out: Outgoing<'_>,
+    max_body: usize,
+) -> Result<UpstreamReply, ProxyError> {
+    let mut resp = send(svc, out).await?;
+    let status = resp.status().as_u16();
+    let headers = response_headers(&resp, &svc.scrubber);
+    let timeout = svc.config.timeout;
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, svc.timeout))? {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, timeout))? {
         if body.len() + chunk.len() > max_body {
             return Err(ProxyError::TooLarge(max_body));
         }
@@ -288,8 +317,49 @@ pub async fn forward(
     Ok(UpstreamReply {
         status,
         headers,
-        body: scrubber.scrub(&body),
+        body: svc.scrubber.scrub(&body),
     })
+}
+
+/// Scrubs a body that arrives in chunks, passing each chunk on as soon as it can. A key split
+/// across chunks is caught: only the longest tail of a chunk that could be the start of a key is
+/// held back until the next chunk (usually nothing, so server-sent events are not delayed).
+pub struct StreamScrubber<'a> {
+    scrubber: &'a Scrubber,
+    held: Vec<u8>,
+}
+
+impl<'a> StreamScrubber<'a> {
+    pub fn new(scrubber: &'a Scrubber) -> Self {
+        StreamScrubber {
+            scrubber,
+            held: Vec::new(),
+        }
+    }
+
+    /// Continues a stream whose held-back tail was saved with [`StreamScrubber::into_held`].
+    pub fn resume(scrubber: &'a Scrubber, held: Vec<u8>) -> Self {
+        StreamScrubber { scrubber, held }
+    }
+
+    pub fn into_held(self) -> Vec<u8> {
+        self.held
+    }
+
+    /// Takes the next chunk; returns what can be passed on now.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(chunk);
+        let mut out = self.scrubber.scrub(&buf);
+        let keep = self.scrubber.partial_suffix(&out);
+        self.held = out.split_off(out.len() - keep);
+        out
+    }
+
+    /// The end of the body: whatever was held back (it was not the start of a key after all).
+    pub fn finish(self) -> Vec<u8> {
+        self.held
+    }
 }
 
 /// Turns a reqwest error into a reason for the caller. reqwest's own text can include the URL, and
@@ -309,6 +379,35 @@ fn classify(e: reqwest::Error, timeout: Duration) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_split_across_chunks_is_caught() {
+        let secret = Secret::new(b"sk-split-0123456789".to_vec());
+        let inject = Inject::Header {
+            name: reqwest::header::AUTHORIZATION,
+            template: "Bearer {secret}".into(),
+        };
+        let s = Scrubber::new(&secret, &inject);
+        let body = b"data: {\"echo\":\"sk-split-0123456789\"}\n\ndata: sk-split-0123456789 end\n\n";
+        for cut in 0..body.len() {
+            for cut2 in cut..body.len() {
+                let mut st = StreamScrubber::new(&s);
+                let mut out = st.push(&body[..cut]);
+                out.extend(st.push(&body[cut..cut2]));
+                out.extend(st.push(&body[cut2..]));
+                out.extend(st.finish());
+                let text = String::from_utf8(out).expect("utf8");
+                assert!(
+                    !text.contains("sk-split-0123456789"),
+                    "cuts {cut},{cut2}: {text}"
+                );
+                assert_eq!(text.matches("[redacted by till]").count(), 2);
+            }
+        }
+        // Nothing is held back when the chunk cannot be the start of a key.
+        let mut st = StreamScrubber::new(&s);
+        assert_eq!(st.push(b"data: hello\n\n"), b"data: hello\n\n");
+    }
 
     #[test]
     fn scrubs_raw_basic_and_escaped_forms() {

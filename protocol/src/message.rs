@@ -278,6 +278,7 @@ pub enum ErrorCode {
     OverCeiling,
     Forbidden,
     UpstreamFailed,
+    UpstreamTimeout,
     Internal,
     ShuttingDown,
 }
@@ -300,6 +301,7 @@ impl ErrorCode {
             ErrorCode::OverCeiling => "over_ceiling",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::UpstreamFailed => "upstream_failed",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
         }

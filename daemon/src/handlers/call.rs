@@ -15,21 +15,51 @@ use crate::peer::Peer;
 use crate::proxy::{self, Outgoing, ProxyError};
 use crate::store::TokenRecord;
 
-pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Response, Refusal> {
-    let method =
-        Method::parse_request(&req.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    let path = RequestPath::parse(&req.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
+/// What a caller asks to spend, from any adapter (socket, gateway, MCP).
+pub struct CallTarget<'a> {
+    /// The capability token, if the caller presented one.
+    pub token: Option<&'a str>,
+    /// The service named by the caller: must match the token's, or (without a token) the service
+    /// to mint a one-shot token for.
+    pub service: Option<&'a str>,
+    pub method: &'a str,
+    /// Path and optional query.
+    pub path: &'a str,
+    pub headers: &'a [(String, String)],
+    pub body_len: usize,
+    /// Whether a missing token may be replaced by a one-shot token for exactly this request.
+    /// The socket and MCP allow it (their peers are identified); the gateway does not.
+    pub allow_one_shot: bool,
+}
+
+/// An activation that has been taken, committed durably and audited: the request may now go.
+pub struct Activation {
+    pub claims: Claims,
+    pub method: Method,
+    pub path: RequestPath,
+    pub remaining: u32,
+}
+
+/// Runs every check, takes one activation, commits it durably and audits it. Nothing has been
+/// sent upstream when this returns; after `Ok`, the request must be sent (it has been counted).
+pub async fn activate(
+    b: &Broker,
+    peer: &Peer,
+    target: CallTarget<'_>,
+) -> Result<Activation, Refusal> {
     let mut event = Event {
-        service: req.service.clone(),
-        method: Some(method.to_string()),
-        path: Some(path.path()),
+        service: target.service.map(str::to_owned),
+        method: Some(target.method.chars().take(16).collect()),
+        peer: Some(PeerJson::from(peer)),
         ..Event::default()
     };
-    let early = check_request(b, &req);
-    if let Err(refusal) = early {
-        return Err(b.deny(peer, event, refusal));
-    }
-    let (claims, one_shot) = match resolve(b, peer, &req, method, &path) {
+    let (method, path) = match parse_request(b, &target) {
+        Ok(x) => x,
+        Err(refusal) => return Err(b.deny(peer, event, refusal)),
+    };
+    event.method = Some(method.to_string());
+    event.path = Some(path.path());
+    let (claims, one_shot) = match resolve(b, peer, &target, method, &path) {
         Ok(x) => x,
         Err(refusal) => return Err(b.deny(peer, event, refusal)),
     };
@@ -43,9 +73,9 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         Ok(x) => x,
         Err(refusal) => return Err(b.deny(peer, event, refusal)),
     };
-    event.peer = Some(PeerJson::from(peer));
     if one_shot {
         b.audit(EventKind::Mint, mint_event(peer, &claims))?;
+        b.metrics.mint();
     }
     if let Err(e) = durable.wait().await {
         b.unreserve(claims.id);
@@ -53,67 +83,85 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     }
     // The activation is on disk; its audit line goes before a byte goes upstream.
     b.audit(EventKind::Activate, event)?;
-
-    let svc = b.service(&claims.service)?;
-    let out = Outgoing {
+    b.metrics.activation();
+    Ok(Activation {
+        claims,
         method,
-        path: &path,
-        headers: &req.headers,
-        body: req.body,
+        path,
+        remaining,
+    })
+}
+
+/// How an upstream failure reads to the caller. The activation was spent: the request was sent.
+pub fn upstream_refusal(service: &str, e: &ProxyError) -> Refusal {
+    tracing::warn!(service, error = %e, "upstream request failed");
+    let code = match e {
+        ProxyError::BadHeader(_) => ErrorCode::BadRequest,
+        ProxyError::Timeout(_) => ErrorCode::UpstreamTimeout,
+        _ => ErrorCode::UpstreamFailed,
     };
-    match proxy::forward(
-        &svc.client,
-        &svc.config,
-        &svc.secret,
-        &svc.scrubber,
-        out,
-        b.config.max_body,
+    Refusal::new(
+        code,
+        format!("{e}; the activation was spent because the request was sent"),
     )
-    .await
-    {
+}
+
+pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Response, Refusal> {
+    let target = CallTarget {
+        token: req.token.as_deref(),
+        service: req.service.as_deref(),
+        method: &req.method,
+        path: &req.path,
+        headers: &req.headers,
+        body_len: req.body.len(),
+        allow_one_shot: true,
+    };
+    let act = activate(b, peer, target).await?;
+    let svc = b.service(&act.claims.service)?;
+    let out = Outgoing {
+        method: act.method,
+        path: &act.path,
+        headers: &req.headers,
+        body: req.body.into(),
+    };
+    let started = std::time::Instant::now();
+    let result = proxy::forward(svc, out, b.config.max_body).await;
+    b.metrics.upstream(&act.claims.service, started.elapsed());
+    match result {
         Ok(reply) => Ok(Response::Called(CallReply {
             status: reply.status,
             headers: reply.headers,
             body: reply.body,
-            token_id: claims.id.to_string(),
-            activations_remaining: remaining,
+            token_id: act.claims.id.to_string(),
+            activations_remaining: act.remaining,
         })),
-        Err(e) => {
-            tracing::warn!(service = %claims.service, error = %e, "upstream request failed");
-            let code = match e {
-                ProxyError::BadHeader(_) => ErrorCode::BadRequest,
-                _ => ErrorCode::UpstreamFailed,
-            };
-            Err(Refusal::new(
-                code,
-                format!("{e}; the activation was spent because the request was sent"),
-            ))
-        }
+        Err(e) => Err(upstream_refusal(&act.claims.service, &e)),
     }
 }
 
-/// Checks that cost nothing and need no token: headers and body size.
-fn check_request(b: &Broker, req: &CallRequest) -> Result<(), Refusal> {
-    proxy::check_headers(&req.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    if req.body.len() > b.config.max_body {
+fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath), Refusal> {
+    let method =
+        Method::parse_request(t.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let path = RequestPath::parse(t.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    proxy::check_headers(t.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    if t.body_len > b.config.max_body {
         return Err(Refusal::bad_request(format!(
             "the request body is {} bytes, over the limit of {}",
-            req.body.len(),
-            b.config.max_body
+            t.body_len, b.config.max_body
         )));
     }
-    Ok(())
+    Ok((method, path))
 }
 
 /// The claims to spend: from a verified token, or freshly minted for exactly this request.
 fn resolve(
     b: &Broker,
     peer: &Peer,
-    req: &CallRequest,
+    req: &CallTarget<'_>,
     method: Method,
     path: &RequestPath,
 ) -> Result<(Claims, bool), Refusal> {
-    match (&req.token, &req.service) {
+    match (req.token, req.service) {
         (Some(token), service) => {
             let claims = b
                 .keyring
@@ -121,7 +169,7 @@ fn resolve(
                 .map_err(|e| Refusal::new(ErrorCode::BadToken, e.to_string()))?
                 .into_claims();
             if let Some(s) = service
-                && *s != claims.service
+                && s != claims.service
             {
                 return Err(Refusal::new(
                     ErrorCode::WrongService,
@@ -133,13 +181,18 @@ fn resolve(
             }
             Ok((claims, false))
         }
-        (None, Some(service)) => {
+        (None, Some(service)) if req.allow_one_shot => {
             let rule = Rule::exact(method, path);
             Ok((
                 claims_for(b, peer, service, vec![rule], Some(1), None, false)?,
                 true,
             ))
         }
+        (None, Some(_)) => Err(Refusal::new(
+            ErrorCode::BadToken,
+            "no Till token was presented: put the token where your SDK puts its API key \
+             (Authorization: Bearer till_..., x-api-key, x-goog-api-key or ?key=)",
+        )),
         (None, None) => Err(Refusal::bad_request(
             "a call needs a token, or a service to mint a one-shot token for",
         )),

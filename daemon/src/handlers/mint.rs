@@ -144,5 +144,6 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
         }
         return Err(refusal);
     }
+    b.metrics.mint();
     Ok(Response::Minted(MintReply { token, info }))
 }

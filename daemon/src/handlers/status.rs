@@ -1,22 +1,17 @@
 //! `status`: version, uptime, socket, counts.
 
-use till_protocol::{Response, StatusReply, TokenState};
+use till_protocol::{Response, StatusReply};
 
-use crate::broker::{Broker, Refusal, now_secs};
+use crate::broker::{Broker, Refusal};
 use crate::peer::Peer;
 
 pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
-    let now = now_secs();
-    let live = b
-        .tokens()
-        .values()
-        .filter(|r| r.state(now) == TokenState::Live)
-        .count() as u64;
+    let live = b.live_tokens();
     Ok(Response::Status(StatusReply {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: b.started.elapsed().as_secs(),
         socket: b.config.socket.display().to_string(),
-        gateway: None,
+        gateway: b.config.gateway.map(|g| format!("http://{g}")),
         live_tokens: live,
         services: b.services.len() as u64,
     }))

@@ -1,0 +1,424 @@
+//! The HTTP gateway on loopback: SDKs that only know "base URL + API key" use a Till token as the
+//! key, and Till makes the call with the real one. An adapter over the same `activate` as the
+//! socket's `call`; the only rules here are HTTP's (where the token sits, how a refusal looks).
+//!
+//! Routes:
+//! - `/proxy/{service}/...`: to the service's base URL + `/...`; the token must be for that service.
+//! - `/v1/...`: the service is the token's own; the path goes upstream as it is (`/v1/...`), so
+//!   `base_url=http://127.0.0.1:8719/v1` works with the OpenAI SDK for any OpenAI-compatible preset.
+//! - `GET /healthz`, `GET /metrics` (Prometheus text).
+//!
+//! The token is read from where each SDK puts its key: `Authorization: Bearer` (OpenAI and most),
+//! `Authorization: token` (GitHub clients), `x-api-key` (Anthropic), `x-goog-api-key` or `?key=`
+//! (Gemini). It is removed before the request goes on; the real key is injected the service's way.
+//! Responses stream through chunk by chunk, scrubbed (see `proxy::StreamScrubber`); one request,
+//! streamed or not, is one activation.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use till_protocol::ErrorCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{Broker, Refusal};
+use crate::handlers::call::{CallTarget, activate, upstream_refusal};
+use crate::peer::Peer;
+use crate::proxy::{self, Outgoing, StreamScrubber};
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+pub const REMAINING_HEADER: &str = "till-activations-remaining";
+
+/// Accepts until `shutdown`; each connection is served on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = Peer::gateway(remote);
+        let span = tracing::info_span!("http", id = peer.conn, %remote);
+        tracker.spawn(connection(stream, peer, broker.clone(), shutdown.clone()).instrument(span));
+    }
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: Peer,
+    b: Broker,
+    shutdown: CancellationToken,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let b = b.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(handle(&b, &peer, req).await) }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Finish the request in flight (a stream included), then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "gateway connection ended");
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// A refusal in the shape OpenAI's, Anthropic's and most SDKs turn into a readable exception:
+/// `{"error": {"message", "type", "code"}}` (plus Anthropic's top-level `"type": "error"`).
+fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
+    let status = match r.code {
+        ErrorCode::BadToken | ErrorCode::UnknownToken | ErrorCode::Expired | ErrorCode::Revoked => {
+            StatusCode::UNAUTHORIZED
+        }
+        ErrorCode::OutOfScope
+        | ErrorCode::WrongService
+        | ErrorCode::WrongHolder
+        | ErrorCode::OverCeiling
+        | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::Exhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::UnknownService => StatusCode::NOT_FOUND,
+        ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::VersionMismatch => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
+        ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let body = serde_json::json!({
+        "type": "error",
+        "error": {
+            "message": format!("Till: {}", r.message),
+            "type": format!("till_{}", r.code.as_str()),
+            "code": r.code.as_str(),
+        }
+    });
+    let mut resp = full(status, "application/json", body.to_string());
+    if let Some(n) = remaining {
+        resp.headers_mut()
+            .insert(REMAINING_HEADER, HeaderValue::from(n));
+    }
+    resp
+}
+
+/// Finds the token where an SDK puts its API key. Returns it and the query without `key=till_…`.
+fn extract_token<'a>(
+    headers: &'a hyper::HeaderMap,
+    query: Option<&'a str>,
+) -> (Option<&'a str>, Option<String>) {
+    let mut token = None;
+    if let Some(auth) = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let value = auth.trim();
+        let rest = value
+            .split_once(' ')
+            .filter(|(scheme, _)| {
+                scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")
+            })
+            .map(|(_, t)| t.trim());
+        token = rest.filter(|t| t.starts_with(till_protocol::token::TOKEN_PREFIX));
+    }
+    for name in ["x-api-key", "x-goog-api-key"] {
+        if token.is_none() {
+            token = headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|t| t.starts_with(till_protocol::token::TOKEN_PREFIX));
+        }
+    }
+    let query = query.map(|q| {
+        let mut kept = Vec::new();
+        for pair in q.split('&') {
+            match pair.strip_prefix("key=") {
+                Some(v) if v.starts_with(till_protocol::token::TOKEN_PREFIX) => {
+                    if token.is_none() {
+                        token = Some(v);
+                    }
+                }
+                _ => kept.push(pair),
+            }
+        }
+        kept.join("&")
+    });
+    (token, query.filter(|q| !q.is_empty()))
+}
+
+async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&hyper::Method::GET, "/healthz") => return full(StatusCode::OK, "text/plain", "ok\n"),
+        (&hyper::Method::GET, "/metrics") => {
+            let text = b.metrics.render(b.live_tokens());
+            return full(StatusCode::OK, "text/plain; version=0.0.4", text);
+        }
+        _ => {}
+    }
+    let (service, upstream_path) = if let Some(rest) = path.strip_prefix("/proxy/") {
+        let (svc, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        (Some(svc.to_owned()), format!("/{tail}"))
+    } else if path == "/v1" || path.starts_with("/v1/") {
+        (None, path.clone())
+    } else {
+        let r = Refusal::new(
+            ErrorCode::BadRequest,
+            format!(
+                "no route for {path:?}: use /proxy/SERVICE/... or /v1/... (with base_url \
+                 http://{}/v1), /healthz or /metrics",
+                b.config.gateway.map(|g| g.to_string()).unwrap_or_default()
+            ),
+        );
+        let mut resp = refusal_response(&r, None);
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    };
+    let (token, query) = extract_token(req.headers(), req.uri().query());
+    let token = token.map(str::to_owned);
+    let target = match &query {
+        Some(q) => format!("{upstream_path}?{q}"),
+        None => upstream_path,
+    };
+    let method = req.method().as_str().to_owned();
+    let mut headers = Vec::with_capacity(req.headers().len());
+    for (k, v) in req.headers() {
+        match v.to_str() {
+            Ok(v) => headers.push((k.as_str().to_owned(), v.to_owned())),
+            Err(_) => {
+                let r = Refusal::bad_request(format!("header {k} is not valid text"));
+                return refusal_response(&r, None);
+            }
+        }
+    }
+    // The request body is read whole, within the limit, before an activation is taken: a body
+    // over the limit is refused for free.
+    let max = b.config.max_body;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            let r = Refusal::bad_request(format!(
+                "the request body is over the limit of {max} bytes (or was cut off)"
+            ));
+            return refusal_response(&r, None);
+        }
+    };
+    let act = activate(
+        b,
+        peer,
+        CallTarget {
+            token: token.as_deref(),
+            service: service.as_deref(),
+            method: &method,
+            path: &target,
+            headers: &headers,
+            body_len: body.len(),
+            allow_one_shot: false,
+        },
+    )
+    .await;
+    let act = match act {
+        Ok(a) => a,
+        Err(r) => {
+            let remaining = token.as_deref().and_then(|t| remaining_of(b, t));
+            return refusal_response(&r, remaining);
+        }
+    };
+    let Ok(svc) = b.service(&act.claims.service) else {
+        return refusal_response(&Refusal::internal("the service went away"), None);
+    };
+    let out = Outgoing {
+        method: act.method,
+        path: &act.path,
+        headers: &headers,
+        body,
+    };
+    let started = Instant::now();
+    let upstream = proxy::send(svc, out).await;
+    b.metrics.upstream(&act.claims.service, started.elapsed());
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            return refusal_response(
+                &upstream_refusal(&act.claims.service, &e),
+                Some(act.remaining),
+            );
+        }
+    };
+    let mut resp = Response::builder().status(upstream.status().as_u16());
+    for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            resp = resp.header(k, v);
+        }
+    }
+    resp = resp.header(REMAINING_HEADER, act.remaining);
+    let body = stream_body(b.clone(), act.claims.service.clone(), upstream, max);
+    resp.body(body).unwrap_or_else(|_| {
+        refusal_response(
+            &Refusal::internal("could not build the response"),
+            Some(act.remaining),
+        )
+    })
+}
+
+/// The upstream body, passed on chunk by chunk through the scrubber, within the size limit.
+fn stream_body(b: Broker, service: String, upstream: reqwest::Response, max: usize) -> Body {
+    let stream = async_stream(b, service, upstream, max);
+    BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+fn async_stream(
+    b: Broker,
+    service: String,
+    upstream: reqwest::Response,
+    max: usize,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + 'static {
+    struct State {
+        b: Broker,
+        service: String,
+        chunks: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+        held: Vec<u8>,
+        seen: usize,
+        max: usize,
+        done: bool,
+    }
+    let state = State {
+        b,
+        service,
+        chunks: upstream.bytes_stream().boxed(),
+        held: Vec::new(),
+        seen: 0,
+        max,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let Ok(svc) = st.b.service(&st.service) else {
+                return None;
+            };
+            let mut scrub = StreamScrubber::resume(&svc.scrubber, std::mem::take(&mut st.held));
+            match st.chunks.next().await {
+                Some(Ok(chunk)) => {
+                    st.seen += chunk.len();
+                    if st.seen > st.max {
+                        tracing::warn!(service = %st.service, max = st.max, "upstream body over the limit; cut off");
+                        st.done = true;
+                        return Some((
+                            Err(std::io::Error::other("upstream body over the limit")),
+                            st,
+                        ));
+                    }
+                    let out = scrub.push(&chunk);
+                    st.held = scrub.into_held();
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(Frame::data(Bytes::from(out))), st));
+                }
+                Some(Err(_)) => {
+                    st.done = true;
+                    return Some((
+                        Err(std::io::Error::other("the upstream's answer was cut off")),
+                        st,
+                    ));
+                }
+                None => {
+                    st.done = true;
+                    let rest = scrub.finish();
+                    if rest.is_empty() {
+                        return None;
+                    }
+                    return Some((Ok(Frame::data(Bytes::from(rest))), st));
+                }
+            }
+        }
+    })
+}
+
+/// Activations left on a token, for the header on a refusal (when the token is ours and known).
+fn remaining_of(b: &Broker, token: &str) -> Option<u32> {
+    let t = b.keyring.verify(token).ok()?;
+    b.tokens()
+        .get(&t.claims().id)
+        .map(|r| r.uses.saturating_sub(r.used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_found_where_each_sdk_puts_it() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer till_abc"));
+        assert_eq!(extract_token(&h, None).0, Some("till_abc"));
+        h.insert("authorization", HeaderValue::from_static("token till_gh"));
+        assert_eq!(extract_token(&h, None).0, Some("till_gh"));
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("till_anthropic"));
+        assert_eq!(extract_token(&h, None).0, Some("till_anthropic"));
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-goog-api-key", HeaderValue::from_static("till_gemini"));
+        assert_eq!(extract_token(&h, None).0, Some("till_gemini"));
+        let h = hyper::HeaderMap::new();
+        let (t, q) = extract_token(&h, Some("alt=sse&key=till_q&x=1"));
+        assert_eq!((t, q.as_deref()), (Some("till_q"), Some("alt=sse&x=1")));
+        let (t, q) = extract_token(&h, Some("key=till_only"));
+        assert_eq!((t, q), (Some("till_only"), None));
+        // A real key someone pasted is not a Till token and is never taken as one.
+        let mut h = hyper::HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-real"));
+        assert_eq!(extract_token(&h, None).0, None);
+    }
+}
