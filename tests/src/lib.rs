@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+
+type UpBody = BoxBody<Bytes, Infallible>;
 
 pub use till_client::{Client, ClientError};
 
@@ -51,11 +54,17 @@ pub struct Seen {
 }
 
 /// A real HTTP server on 127.0.0.1 that echoes each request (headers included, so a leaked key
-/// would show) and counts them. `/redirect` answers 302 to `redirect_to`.
+/// would show) and counts them. Special paths:
+/// - `/redirect`: 302 to `redirect_to`;
+/// - `/stream`: server-sent events; the first event echoes the Authorization header split across
+///   two chunks, the second comes only after [`Upstream::release`];
+/// - `/slow`: never answers;
+/// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     hits: watch::Receiver<u64>,
+    gate: Arc<Notify>,
 }
 
 impl Upstream {
@@ -68,6 +77,8 @@ impl Upstream {
         let (tx, hits) = watch::channel(0u64);
         let tx = Arc::new(tx);
         let seen2 = seen.clone();
+        let gate = Arc::new(Notify::new());
+        let gate2 = gate.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -76,12 +87,16 @@ impl Upstream {
                 let seen = seen2.clone();
                 let tx = tx.clone();
                 let redirect_to = redirect_to.clone();
+                let gate = gate2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
                         let tx = tx.clone();
                         let redirect_to = redirect_to.clone();
-                        async move { Ok::<_, Infallible>(echo(req, &seen, &tx, redirect_to).await) }
+                        let gate = gate.clone();
+                        async move {
+                            Ok::<_, Infallible>(echo(req, &seen, &tx, redirect_to, gate).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -89,7 +104,17 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen, hits }
+        Upstream {
+            addr,
+            seen,
+            hits,
+            gate,
+        }
+    }
+
+    /// Lets the `/stream` response send its second event.
+    pub fn release(&self) {
+        self.gate.notify_one();
     }
 
     pub fn url(&self) -> String {
@@ -119,7 +144,8 @@ async fn echo(
     seen: &Mutex<Vec<Seen>>,
     tx: &watch::Sender<u64>,
     redirect_to: Option<String>,
-) -> Response<Full<Bytes>> {
+    gate: Arc<Notify>,
+) -> Response<UpBody> {
     let method = req.method().to_string();
     let path_and_query = req
         .uri()
@@ -156,6 +182,40 @@ async fn echo(
         body,
     });
     tx.send_modify(|h| *h += 1);
+    if path_and_query.starts_with("/slow") {
+        std::future::pending::<()>().await;
+    }
+    if path_and_query.starts_with("/v1/chat/completions") {
+        return chat_completion(&auth, &echo["body"]);
+    }
+    if path_and_query.starts_with("/stream") {
+        // The key, echoed in two chunks split mid-key, then a second event after the gate opens.
+        let (first, second) = auth.split_at(auth.len() / 2);
+        let chunks = vec![
+            format!("data: {{\"auth\": \"{first}"),
+            format!("{second}\"}}\n\n"),
+        ];
+        let stream =
+            futures_util::stream::unfold((chunks, 0usize, gate), |(chunks, i, gate)| async move {
+                if i < chunks.len() {
+                    let c = Bytes::from(chunks[i].clone());
+                    return Some((
+                        Ok::<_, Infallible>(hyper::body::Frame::data(c)),
+                        (chunks, i + 1, gate),
+                    ));
+                }
+                if i == chunks.len() {
+                    gate.notified().await;
+                    let c = Bytes::from_static(b"data: second\n\ndata: [DONE]\n\n");
+                    return Some((Ok(hyper::body::Frame::data(c)), (chunks, i + 1, gate)));
+                }
+                None
+            });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(StreamBody::new(stream).boxed())
+            .expect("response");
+    }
     let mut resp = Response::builder().header("content-type", "application/json");
     if let Ok(v) = hyper::header::HeaderValue::from_str(&auth) {
         resp = resp.header("x-echo-authorization", v);
@@ -165,7 +225,42 @@ async fn echo(
     {
         resp = resp.status(302).header("location", format!("{to}/stolen"));
     }
-    resp.body(Full::new(Bytes::from(echo.to_string())))
+    resp.body(Full::new(Bytes::from(echo.to_string())).boxed())
+        .expect("response")
+}
+
+/// An OpenAI-compatible chat completion that accepts only the real key; streams when asked.
+fn chat_completion(auth: &str, body: &serde_json::Value) -> Response<UpBody> {
+    if auth != format!("Bearer {SECRET}") {
+        let err = serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}});
+        return Response::builder()
+            .status(401)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(err.to_string())).boxed())
+            .expect("response");
+    }
+    let req: serde_json::Value =
+        serde_json::from_str(body.as_str().unwrap_or("{}")).unwrap_or_default();
+    let model = req["model"].as_str().unwrap_or("test-model").to_owned();
+    if req["stream"].as_bool() == Some(true) {
+        let mut out = String::new();
+        for piece in ["hello", " from", " upstream"] {
+            let chunk = serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+            out.push_str(&format!("data: {chunk}\n\n"));
+        }
+        out.push_str("data: [DONE]\n\n");
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Full::new(Bytes::from(out)).boxed())
+            .expect("response");
+    }
+    let reply = serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello from upstream"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}});
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(reply.to_string())).boxed())
         .expect("response")
 }
 
@@ -310,6 +405,17 @@ impl TestDaemon {
         })
     }
 
+    /// The gateway's base URL (the daemon must have been started with `gateway = ...`).
+    pub async fn gateway_url(&self) -> String {
+        self.client()
+            .await
+            .status()
+            .await
+            .expect("status")
+            .gateway
+            .expect("this daemon serves no gateway")
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.socket)
             .await
@@ -351,6 +457,26 @@ impl TestDaemon {
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(&self.audit).unwrap_or_default()
     }
+}
+
+/// An HTTP client for talking to the gateway (reqwest with ring, as the daemon uses).
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM` from /proc).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[allow(unsafe_code)]

@@ -181,18 +181,18 @@ fn resolve(
             }
             Ok((claims, false))
         }
-        (None, Some(service)) if req.allow_one_shot => {
+        (None, _) if !req.allow_one_shot => Err(Refusal::new(
+            ErrorCode::BadToken,
+            "no Till token was presented: put the token where your SDK puts its API key \
+             (Authorization: Bearer till_..., x-api-key, x-goog-api-key or ?key=)",
+        )),
+        (None, Some(service)) => {
             let rule = Rule::exact(method, path);
             Ok((
                 claims_for(b, peer, service, vec![rule], Some(1), None, false)?,
                 true,
             ))
         }
-        (None, Some(_)) => Err(Refusal::new(
-            ErrorCode::BadToken,
-            "no Till token was presented: put the token where your SDK puts its API key \
-             (Authorization: Bearer till_..., x-api-key, x-goog-api-key or ?key=)",
-        )),
         (None, None) => Err(Refusal::bad_request(
             "a call needs a token, or a service to mint a one-shot token for",
         )),

@@ -1,0 +1,455 @@
+//! The HTTP gateway: a Till token where an SDK puts its key, the real key injected, nothing leaked.
+
+use std::io::{Read, Write};
+
+use futures_util::StreamExt;
+use till_protocol::MintRequest;
+use till_tests::{OTHER_SECRET, SECRET, TestDaemon, Upstream, http, peak_rss_kib};
+
+const GATEWAY: &str = "gateway = \"127.0.0.1:0\"";
+
+async fn mint(d: &TestDaemon, service: &str, allow: &[&str], uses: u32) -> String {
+    d.client()
+        .await
+        .mint(MintRequest {
+            service: service.into(),
+            allow: allow.iter().map(|s| (*s).to_owned()).collect(),
+            uses: Some(uses),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let remaining = resp
+        .headers()
+        .get("till-activations-remaining")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON error body");
+    (status, remaining, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_goes_where_each_sdk_puts_its_key() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let h = http();
+
+    // OpenAI style: Bearer, /v1 routes by the token's own service.
+    let t = mint(&d, "echo", &["POST /v1/echo"], 2).await;
+    let resp = h
+        .post(format!("{g}/v1/echo"))
+        .bearer_auth(&t)
+        .body("{\"hi\":1}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["till-activations-remaining"], "1");
+    let body = resp.text().await.expect("body");
+    assert!(!body.contains(SECRET) && !body.contains(&t), "{body}");
+    assert!(body.contains("[redacted by till]"));
+
+    // Anthropic style: x-api-key, on /proxy/{service}.
+    let t = mint(&d, "other", &["GET /v1/messages"], 1).await;
+    let resp = h
+        .get(format!("{g}/proxy/other/v1/messages"))
+        .header("x-api-key", &t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("body");
+    assert!(!body.contains(OTHER_SECRET), "{body}");
+
+    // Gemini style: ?key= (removed from the query) and x-goog-api-key.
+    let t = mint(&d, "q", &["GET /v1beta/models"], 2).await;
+    let resp = h
+        .get(format!("{g}/proxy/q/v1beta/models?alt=json&key={t}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let resp = h
+        .get(format!("{g}/proxy/q/v1beta/models"))
+        .header("x-goog-api-key", &t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+
+    // GitHub style: Authorization: token.
+    let t = mint(&d, "basic", &["GET /user"], 1).await;
+    let resp = h
+        .get(format!("{g}/proxy/basic/user"))
+        .header("authorization", format!("token {t}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+
+    let seen = up.seen();
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {SECRET}"));
+    assert_eq!(seen[1].headers["x-api-key"], OTHER_SECRET);
+    assert_eq!(seen[1].path_and_query, "/other/v1/messages");
+    assert_eq!(
+        seen[2].path_and_query,
+        format!("/v1beta/models?alt=json&key={SECRET}")
+    );
+    assert!(
+        !seen[3].headers.contains_key("x-goog-api-key"),
+        "the token header is removed"
+    );
+    assert!(seen[4].headers["authorization"].starts_with("Basic "));
+    for s in &seen {
+        for v in s.headers.values() {
+            assert!(
+                !v.contains("till_"),
+                "a Till token reached the upstream: {v}"
+            );
+        }
+        assert!(!s.path_and_query.contains("till_"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_json_sdks_understand_and_send_nothing() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let h = http();
+    let t = mint(&d, "echo", &["GET /v1/models"], 1).await;
+
+    let (status, _, body) =
+        error_of(h.get(format!("{g}/v1/models")).send().await.expect("send")).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "bad_token");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("Authorization: Bearer")
+    );
+
+    // Naming a service is no substitute for a token: the gateway never mints one-shot tokens.
+    let (status, _, body) = error_of(
+        h.get(format!("{g}/proxy/echo/v1/models"))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("bad_token"))
+    );
+
+    let (status, _, body) = error_of(
+        h.get(format!("{g}/v1/files"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (403, Some("till_out_of_scope"))
+    );
+
+    let (status, _, body) = error_of(
+        h.get(format!("{g}/proxy/other/v1/models"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("wrong_service"))
+    );
+
+    let (status, _, _) = error_of(
+        h.get(format!("{g}/v1/a%2e%2e/b"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    let (status, _, _) =
+        error_of(h.get(format!("{g}/elsewhere")).send().await.expect("send")).await;
+    assert_eq!(status, 404);
+
+    let resp = h
+        .get(format!("{g}/v1/models"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["till-activations-remaining"], "0");
+    let (status, remaining, body) = error_of(
+        h.get(format!("{g}/v1/models"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(
+        (status, remaining.as_str(), body["error"]["code"].as_str()),
+        (429, "0", Some("exhausted"))
+    );
+
+    let forged = format!("{}x", &t[..t.len() - 1]);
+    let (status, _, _) = error_of(
+        h.get(format!("{g}/v1/models"))
+            .bearer_auth(&forged)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the one good request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_as_they_arrive_and_are_scrubbed() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["GET /stream"], 1).await;
+    let resp = http()
+        .get(format!("{g}/proxy/echo/stream"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    // The first event (the key split across two upstream chunks) arrives before the upstream is
+    // allowed to send the second: nothing is buffered whole.
+    while !got.ends_with(b"\n\n") {
+        got.extend_from_slice(&body.next().await.expect("first event").expect("chunk"));
+    }
+    let first = String::from_utf8_lossy(&got).into_owned();
+    assert!(
+        !first.contains(SECRET) && !first.contains("TESTSECRET"),
+        "{first}"
+    );
+    assert!(first.contains("[redacted by till]"), "{first}");
+    up.release();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.expect("chunk"));
+    }
+    let all = String::from_utf8_lossy(&got);
+    assert!(all.ends_with("data: second\n\ndata: [DONE]\n\n"), "{all}");
+    let info = d.client().await.inspect(&t).await.expect("inspect");
+    assert_eq!(info.used, 1, "one streamed request is one activation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
+    let thief = Upstream::start(None).await;
+    let up = Upstream::start(Some(thief.url())).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["GET /**"], 10).await;
+
+    let resp = http()
+        .get(format!("{g}/proxy/echo/redirect"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        resp.status(),
+        302,
+        "the redirect goes back to the caller, not followed"
+    );
+
+    // Host header and an absolute-form request line naming the thief: the request still goes to
+    // the pinned origin.
+    let addr = g.trim_start_matches("http://").to_owned();
+    let thief_host = thief.addr.to_string();
+    let raw = format!(
+        "GET http://{thief_host}/proxy/echo/x HTTP/1.1\r\nHost: {thief_host}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
+    );
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(raw.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+    .await
+    .expect("raw request");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(thief.hits(), 0, "the other origin was never contacted");
+    let seen = up.seen();
+    assert_eq!(seen.last().expect("seen").path_and_query, "/x");
+    assert_eq!(
+        seen.last().expect("seen").headers["host"],
+        up.addr.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_502_and_504_with_a_clear_body() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut text = till_tests::standard_config(tmp.path(), &up.url(), GATEWAY);
+    text.push_str(&format!(
+        "\n[services.down]\nbase_url = \"http://127.0.0.1:1\"\nsecret = {{ file = \"{0}/echo.key\" }}\nallow = [\"GET /**\"]\n\n[services.slow]\nbase_url = \"{1}\"\nsecret = {{ file = \"{0}/echo.key\" }}\nallow = [\"GET /**\"]\ntimeout = \"1s\"\n",
+        tmp.path().display(),
+        up.url()
+    ));
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let d = TestDaemon::start_in(tmp.path());
+    let g = d.gateway_url().await;
+    let t = mint(&d, "down", &["GET /x"], 1).await;
+    let (status, _, body) = error_of(
+        http()
+            .get(format!("{g}/proxy/down/x"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(status, 502);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("could not reach the upstream"),
+        "{body}"
+    );
+    let t = mint(&d, "slow", &["GET /slow"], 1).await;
+    let (status, _, body) = error_of(
+        http()
+            .get(format!("{g}/proxy/slow/slow"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(!body.to_string().contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_streams_hold_with_bounded_memory() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["GET /stream"], 100).await;
+    let h = http();
+    let rss_before = peak_rss_kib(d.child.id());
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        let resp = h
+            .get(format!("{g}/proxy/echo/stream"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let mut first = Vec::new();
+        while !first.ends_with(b"\n\n") {
+            first.extend_from_slice(&body.next().await.expect("event").expect("chunk"));
+        }
+        streams.push(body);
+    }
+    // All 100 are open and waiting for their second event at once.
+    let rss_open = peak_rss_kib(d.child.id());
+    for _ in 0..100 {
+        up.release();
+    }
+    for mut s in streams {
+        let mut rest = Vec::new();
+        while let Some(c) = s.next().await {
+            rest.extend_from_slice(&c.expect("chunk"));
+        }
+        assert!(String::from_utf8_lossy(&rest).ends_with("[DONE]\n\n"));
+    }
+    let rss_after = peak_rss_kib(d.child.id());
+    eprintln!(
+        "tilld peak RSS: {rss_before} KiB before, {rss_open} KiB with 100 open streams, {rss_after} KiB after"
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "100 streams grew the daemon by more than 64 MiB"
+    );
+    assert_eq!(
+        d.client().await.inspect(&t).await.expect("inspect").used,
+        100
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let h = http();
+    assert_eq!(
+        h.get(format!("{g}/healthz"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("body"),
+        "ok\n"
+    );
+    let t = mint(&d, "echo", &["GET /a"], 2).await;
+    h.get(format!("{g}/proxy/echo/a"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    h.get(format!("{g}/proxy/echo/b"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    let text = h
+        .get(format!("{g}/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("till_mints_total 1\n"), "{text}");
+    assert!(text.contains("till_activations_total 1\n"), "{text}");
+    assert!(
+        text.contains("till_refusals_total{reason=\"out_of_scope\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("till_live_tokens 1\n"), "{text}");
+    assert!(
+        text.contains("till_upstream_seconds_count{service=\"echo\"} 1\n"),
+        "{text}"
+    );
+}
