@@ -1,0 +1,68 @@
+//! Real SDKs through the gateway: the OpenAI Python SDK (installed by `scripts/test` into
+//! `target/py`; `$TILL_TEST_PYTHON` points at its interpreter).
+
+use std::process::Command;
+
+use till_protocol::{CallRequest, MintRequest};
+use till_tests::{SECRET, TestDaemon, Upstream};
+
+fn python() -> String {
+    std::env::var("TILL_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python");
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "no Python with the openai SDK: run scripts/test (it makes target/py), or set TILL_TEST_PYTHON"
+        );
+        venv.to_owned()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let mut c = d.client().await;
+    let mint = |uses| MintRequest {
+        service: "echo".into(),
+        allow: vec!["POST /v1/chat/completions".into()],
+        uses: Some(uses),
+        ..MintRequest::default()
+    };
+    let token = c.mint(mint(3)).await.expect("mint").token;
+    let spent = c.mint(mint(1)).await.expect("mint").token;
+    c.call(CallRequest {
+        token: Some(spent.clone()),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        body: b"{}".to_vec(),
+        ..CallRequest::default()
+    })
+    .await
+    .expect("spend it");
+
+    let out = Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_sdk.py"))
+        .env("TILL_BASE_URL", format!("{g}/v1"))
+        .env("TILL_TOKEN", &token)
+        .env("TILL_SPENT_TOKEN", &spent)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(v["plain"], "hello from upstream");
+    assert_eq!(v["streamed"], "hello from upstream");
+    assert_eq!(v["spent"]["class"], "RateLimitError");
+    assert_eq!(v["spent"]["status"], 429);
+    let msg = v["spent"]["message"].as_str().expect("message");
+    assert!(msg.contains("Till:") && msg.contains("activation(s) are all spent"), "{msg}");
+    assert!(!stdout.contains(SECRET));
+
+    // The upstream accepted the requests only because it got the real key.
+    let chats: Vec<_> = up.seen().into_iter().filter(|s| s.path_and_query == "/v1/chat/completions").collect();
+    assert_eq!(chats.len(), 3, "the spent token's SDK call never reached the upstream");
+    assert!(chats.iter().all(|s| s.headers["authorization"] == format!("Bearer {SECRET}")));
+    let info = c.inspect(&token).await.expect("inspect");
+    assert_eq!((info.used, info.remaining), (2, 1));
+}
