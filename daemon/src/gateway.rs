@@ -388,9 +388,9 @@ fn async_stream(
 
 /// Activations left on a token, for the header on a refusal (when the token is ours and known).
 fn remaining_of(b: &Broker, token: &str) -> Option<u32> {
-    let t = b.keyring.verify(token).ok()?;
+    let claims = b.keyring.verify(token).ok()?;
     b.tokens()
-        .get(&t.claims().id)
+        .get(&claims.id)
         .map(|r| r.uses.saturating_sub(r.used))
 }
 

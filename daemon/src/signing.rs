@@ -10,14 +10,21 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use till_protocol::{KeyId, PublicKeyInfo, Token, TokenError};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use till_protocol::{Claims, KeyId, PublicKeyInfo, Token, TokenError};
 use zeroize::Zeroizing;
 
 use crate::secret::read_private_file;
 
+/// How many verified token strings are remembered.
+const VERIFIED_CACHE: usize = 4096;
+
 pub struct Keyring {
     current: SigningKey,
     current_id: KeyId,
+    verified: Mutex<HashMap<String, Claims>>,
 }
 
 impl Keyring {
@@ -65,6 +72,7 @@ impl Keyring {
         Ok(Keyring {
             current: key,
             current_id,
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -80,14 +88,32 @@ impl Keyring {
         (id == self.current_id).then(|| self.current.verifying_key())
     }
 
-    /// Decodes and verifies a token string against the keys this daemon holds.
-    pub fn verify(&self, token: &str) -> Result<Token, TokenError> {
+    /// Decodes and verifies a token string against the keys this daemon holds, and returns its
+    /// claims. A many-activation token is presented again and again, and an ed25519 verification
+    /// is most of a request's CPU, so strings that verified are remembered (exact bytes as the
+    /// key, so a cache hit is the same proof as a fresh check). Only successes are cached.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let token = token.trim();
+        if let Some(c) = self.lock_verified().get(token) {
+            return Ok(c.clone());
+        }
         let t = Token::decode(token)?;
         let key = self
             .verifying_key(t.claims().key_id)
             .ok_or(TokenError::UnknownKey(t.claims().key_id))?;
         t.verify(&key)?;
-        Ok(t)
+        let claims = t.into_claims();
+        let mut cache = self.lock_verified();
+        if cache.len() >= VERIFIED_CACHE {
+            // Crude but bounded: a full cache starts over; hot tokens come straight back.
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn lock_verified(&self) -> std::sync::MutexGuard<'_, HashMap<String, Claims>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn public_keys(&self) -> Vec<PublicKeyInfo> {
@@ -109,6 +135,31 @@ mod tests {
     fn signing_key_is_zeroize_on_drop() {
         fn assert_zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
         assert_zeroize_on_drop::<SigningKey>();
+    }
+
+    #[test]
+    fn a_cached_good_token_does_not_vouch_for_a_tampered_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = Keyring::load_or_create(dir.path()).expect("create");
+        let claims = Claims {
+            id: till_protocol::TokenId([1; 16]),
+            key_id: k.current_id(),
+            service: "echo".into(),
+            rules: vec![till_protocol::Rule::parse("GET /a").expect("rule")],
+            uses: 1,
+            issued_at: 1,
+            expires_at: None,
+            parent: None,
+            holder_uid: None,
+        };
+        let good = claims.sign(k.current()).expect("sign");
+        assert_eq!(k.verify(&good).expect("good"), claims);
+        assert_eq!(k.verify(&good).expect("cached"), claims);
+        let mut bytes = good.into_bytes();
+        let at = bytes.len() - 3;
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        let bad = String::from_utf8(bytes).expect("utf8");
+        assert!(k.verify(&bad).is_err());
     }
 
     #[test]

@@ -49,20 +49,39 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
         .output()
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["plain"], "hello from upstream");
     assert_eq!(v["streamed"], "hello from upstream");
     assert_eq!(v["spent"]["class"], "RateLimitError");
     assert_eq!(v["spent"]["status"], 429);
     let msg = v["spent"]["message"].as_str().expect("message");
-    assert!(msg.contains("Till:") && msg.contains("activation(s) are all spent"), "{msg}");
+    assert!(
+        msg.contains("Till:") && msg.contains("activation(s) are all spent"),
+        "{msg}"
+    );
     assert!(!stdout.contains(SECRET));
 
     // The upstream accepted the requests only because it got the real key.
-    let chats: Vec<_> = up.seen().into_iter().filter(|s| s.path_and_query == "/v1/chat/completions").collect();
-    assert_eq!(chats.len(), 3, "the spent token's SDK call never reached the upstream");
-    assert!(chats.iter().all(|s| s.headers["authorization"] == format!("Bearer {SECRET}")));
+    let chats: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.path_and_query == "/v1/chat/completions")
+        .collect();
+    assert_eq!(
+        chats.len(),
+        3,
+        "the spent token's SDK call never reached the upstream"
+    );
+    assert!(
+        chats
+            .iter()
+            .all(|s| s.headers["authorization"] == format!("Bearer {SECRET}"))
+    );
     let info = c.inspect(&token).await.expect("inspect");
     assert_eq!((info.used, info.remaining), (2, 1));
 }

@@ -166,8 +166,7 @@ fn resolve(
             let claims = b
                 .keyring
                 .verify(token)
-                .map_err(|e| Refusal::new(ErrorCode::BadToken, e.to_string()))?
-                .into_claims();
+                .map_err(|e| Refusal::new(ErrorCode::BadToken, e.to_string()))?;
             if let Some(s) = service
                 && s != claims.service
             {

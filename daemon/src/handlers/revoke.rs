@@ -18,7 +18,7 @@ pub fn resolve_one(b: &Broker, peer: &Peer, token_or_id: &str) -> Result<TokenId
             .keyring
             .verify(s)
             .map_err(|e| Refusal::new(ErrorCode::BadToken, e.to_string()))?;
-        return Ok(t.claims().id);
+        return Ok(t.id);
     }
     let id = TokenId::parse(s).ok_or_else(|| {
         Refusal::bad_request("give a whole token (till_...) or a 32-hex-digit token id")
