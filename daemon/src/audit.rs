@@ -53,6 +53,9 @@ pub struct PeerJson {
     pub uid: u32,
     pub pid: Option<i32>,
     pub exe: Option<String>,
+    /// The MCP client's declared name, when the peer spoke MCP (a claim, not proof).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl From<&Peer> for PeerJson {
@@ -61,6 +64,7 @@ impl From<&Peer> for PeerJson {
             uid: p.uid,
             pid: p.pid,
             exe: p.exe.clone(),
+            client: p.client.clone(),
         }
     }
 }

@@ -145,6 +145,30 @@ impl Broker {
         self.config.admin_uids.contains(&peer.uid)
     }
 
+    /// Who may mint. A socket peer got past the socket file's permissions, which is the gate. A TCP
+    /// peer (MCP over the gateway's `/mcp`) is anyone on this host, so only the daemon's own uid and
+    /// admins may mint there; anyone else must be handed a token.
+    pub fn require_minter(&self, peer: &Peer) -> Result<(), Refusal> {
+        if peer.transport == crate::peer::Transport::Socket
+            || peer.uid == crate::sys::uid()
+            || self.is_admin(peer)
+        {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::Forbidden,
+            format!(
+                "uid {} may not mint tokens over HTTP; use a token you were given, or connect \
+                 through `till mcp` (the Unix socket)",
+                if peer.uid == crate::peer::UNKNOWN_UID {
+                    "unknown".to_string()
+                } else {
+                    peer.uid.to_string()
+                }
+            ),
+        ))
+    }
+
     pub fn require_admin(&self, peer: &Peer, what: &str) -> Result<(), Refusal> {
         if self.is_admin(peer) {
             Ok(())

@@ -15,6 +15,7 @@
 //! streamed or not, is one activation.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -47,6 +48,10 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mcp = Arc::new(crate::mcp::http_service(
+        broker.clone(),
+        shutdown.child_token(),
+    ));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -61,9 +66,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let peer = Peer::gateway(remote);
+        let local = stream.local_addr().unwrap_or(remote);
+        let peer = Peer::from_tcp(local, remote);
         let span = tracing::info_span!("http", id = peer.conn, %remote);
-        tracker.spawn(connection(stream, peer, broker.clone(), shutdown.clone()).instrument(span));
+        tracker.spawn(
+            connection(stream, peer, broker.clone(), mcp.clone(), shutdown.clone())
+                .instrument(span),
+        );
     }
 }
 
@@ -71,12 +80,19 @@ async fn connection(
     stream: tokio::net::TcpStream,
     peer: Peer,
     b: Broker,
+    mcp: Arc<crate::mcp::HttpService>,
     shutdown: CancellationToken,
 ) {
     let svc = hyper::service::service_fn(move |req| {
         let b = b.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(handle(&b, &peer, req).await) }
+        let mcp = mcp.clone();
+        async move {
+            if req.uri().path() == "/mcp" {
+                return Ok::<_, Infallible>(mcp_request(&mcp, peer, req).await);
+            }
+            Ok::<_, Infallible>(handle(&b, &peer, req).await)
+        }
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
@@ -92,6 +108,19 @@ async fn connection(
     if let Err(e) = result {
         tracing::debug!(error = %e, "gateway connection ended");
     }
+}
+
+/// MCP over streamable HTTP: rmcp's service, with this connection's peer in the request so the
+/// tools know who is calling.
+async fn mcp_request(
+    mcp: &crate::mcp::HttpService,
+    peer: Peer,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    req.extensions_mut().insert(peer);
+    mcp.handle(req)
+        .await
+        .map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod config;
 pub mod gateway;
 pub mod handlers;
+pub mod mcp;
 pub mod metrics;
 pub mod peer;
 pub mod presets;
@@ -78,13 +79,21 @@ fn notify(state: &str) {
     }
 }
 
+/// What `run` serves: the native socket, the MCP socket, and the gateway if configured. Bound by
+/// the caller (main, or a test) so readiness can be announced only once they all exist.
+pub struct Listeners {
+    pub socket: UnixListener,
+    pub mcp: UnixListener,
+    pub gateway: Option<tokio::net::TcpListener>,
+}
+
 /// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
-pub async fn run(
-    loaded: Loaded,
-    listener: UnixListener,
-    gateway_listener: Option<tokio::net::TcpListener>,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+    let Listeners {
+        socket: listener,
+        mcp: mcp_listener,
+        gateway: gateway_listener,
+    } = listeners;
     let mut loaded = loaded;
     if let Some(g) = &gateway_listener {
         // The address actually bound (the config may say port 0), for `status` and the logs.
@@ -124,6 +133,13 @@ pub async fn run(
             tracker.clone(),
         ));
     }
+    let mcp_socket = broker.config.mcp_socket.clone();
+    tracker.spawn(mcp::serve(
+        mcp_listener,
+        broker.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
     notify("READY=1");
     server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;
 
@@ -149,6 +165,7 @@ pub async fn run(
         },
     );
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&mcp_socket);
     drop(broker);
     drop(audit);
     if drained {

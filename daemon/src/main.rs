@@ -67,7 +67,8 @@ fn start(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let (listener, _lock) = tilld::server::bind(&loaded.config.socket)?;
+        let (socket, _lock) = tilld::server::bind(&loaded.config.socket)?;
+        let mcp = tilld::server::bind_unix(&loaded.config.mcp_socket)?;
         let gateway = match loaded.config.gateway {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -91,6 +92,11 @@ fn start(args: Args) -> Result<()> {
             }
             s.cancel();
         });
-        tilld::run(loaded, listener, gateway, shutdown).await
+        let listeners = tilld::Listeners {
+            socket,
+            mcp,
+            gateway,
+        };
+        tilld::run(loaded, listeners, shutdown).await
     })
 }

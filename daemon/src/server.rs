@@ -31,10 +31,9 @@ pub fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Binds the socket 0600 (under a umask, so it is never more open, even for an instant), after
-/// taking the single-instance lock and removing a stale socket file. Returns the listener and the
-/// lock, which must live as long as the daemon.
-pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
+/// Takes the single-instance lock for `socket` (a `flock` on `<socket>.lock`), held as long as the
+/// returned file lives. A second daemon on the same socket fails here, before it touches anything.
+pub fn lock(socket: &Path) -> Result<std::fs::File> {
     if let Some(dir) = socket.parent() {
         crate::create_private_dir(dir)?;
     }
@@ -58,6 +57,15 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
             lock_path.display()
         );
     }
+    Ok(lock)
+}
+
+/// Binds a Unix socket 0600 (under a umask, so it is never more open, even for an instant),
+/// removing a stale socket file first. Call with the lock held.
+pub fn bind_unix(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        crate::create_private_dir(dir)?;
+    }
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             bail!(
@@ -73,7 +81,13 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
         crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(socket))
             .with_context(|| format!("cannot bind {}", socket.display()))?;
     std_listener.set_nonblocking(true)?;
-    Ok((UnixListener::from_std(std_listener)?, lock))
+    Ok(UnixListener::from_std(std_listener)?)
+}
+
+/// The lock, then the native socket.
+pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
+    let lock = lock(socket)?;
+    Ok((bind_unix(socket)?, lock))
 }
 
 /// Accepts until `shutdown` fires. Each connection runs on `tracker`.

@@ -22,6 +22,7 @@ pub fn claims_for(
     ttl: Option<Duration>,
     bind_to_peer: bool,
 ) -> Result<Claims, Refusal> {
+    b.require_minter(peer)?;
     let svc = &b.service(service)?.config;
     let ceiling = || {
         svc.allow

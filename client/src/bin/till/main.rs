@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 refused or failed, 2 usage error (clap), 3 the daemon cannot be reached.
 
+mod mcp;
 mod output;
 
 use std::io::{Read, Write};
@@ -110,6 +111,12 @@ enum Cmd {
     },
     /// The daemon's signing public key(s).
     Pubkey,
+    /// MCP on stdio, for agent hosts: relays to the daemon's MCP socket.
+    Mcp {
+        /// The daemon's MCP socket (else $TILL_MCP_SOCKET, else mcp.sock beside the native socket).
+        #[arg(long, value_name = "PATH")]
+        mcp_socket: Option<PathBuf>,
+    },
     /// Check a token's signature and claims offline.
     Verify {
         token: String,
@@ -320,6 +327,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
+        Cmd::Mcp { mcp_socket } => {
+            let native = socket_path(cli.socket.as_deref());
+            mcp::run(&mcp::mcp_socket_path(mcp_socket.as_deref(), &native)).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

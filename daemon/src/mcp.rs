@@ -1,0 +1,398 @@
+//! MCP: agents list services, ask for tokens, spend them, check and revoke them, as tools.
+//!
+//! Served with rmcp on `mcp.sock` (a Unix socket with the same permission rules as the native one;
+//! agent hosts launch `till mcp`, which relays stdio to it) and as streamable HTTP at the gateway's
+//! `/mcp`. Each tool is a thin adapter over the same handlers as the socket protocol. A refusal is a
+//! tool result with `isError: true` and the broker's sentence, never a protocol error; protocol
+//! errors are left to rmcp for what cannot be routed (unknown tool, arguments that do not parse).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
+use rmcp::{schemars, tool, tool_handler, tool_router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use till_protocol::{InspectRequest, MintRequest, Response, RevokeRequest, RevokeTarget};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{Broker, Refusal};
+use crate::handlers;
+use crate::handlers::call::{CallTarget, activate, upstream_refusal};
+use crate::peer::Peer;
+use crate::proxy::{self, Outgoing};
+
+const INSTRUCTIONS: &str = "Till holds the real API keys; you never see them. To call an API: \
+list_services to see what you may use, request_token for the method and path you need (or call_api \
+with `service` for a single request), then call_api with the token. Each token has a number of \
+activations; token_status shows what is left without spending any. If a call is refused, the \
+message says what to do next.";
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct RequestTokenArgs {
+    /// The service to call, as `list_services` names it (e.g. "openai", "github").
+    pub service: String,
+    /// Rules the token allows, each "METHOD /path" with `*` for one path segment and `**` for any
+    /// number of trailing segments, e.g. ["POST /v1/chat/completions"]. Omit for the service's whole
+    /// ceiling. Ask for no more than the task needs.
+    pub allow: Option<Vec<String>>,
+    /// How many requests the token may make (activations). Default 1.
+    pub uses: Option<u32>,
+    /// Lifetime in seconds. Default: the daemon's default (15 minutes unless configured).
+    pub ttl_seconds: Option<u64>,
+    /// What the token is for, in a few words; kept with the token and shown to the user.
+    pub purpose: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct CallApiArgs {
+    /// A token from request_token. Omit it and give `service` to spend a one-shot token minted for
+    /// exactly this method and path.
+    pub token: Option<String>,
+    /// The service to call: required without a token; with a token it must be the token's service.
+    pub service: Option<String>,
+    /// HTTP method: GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS.
+    pub method: String,
+    /// Path on the service, starting with "/", e.g. "/v1/chat/completions". No host: requests only
+    /// ever go to the service's own origin.
+    pub path: String,
+    /// Query parameters, added to the path's query string.
+    pub query: Option<BTreeMap<String, String>>,
+    /// Request headers (never an API key: Till adds the real one).
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Request body: a JSON value is sent as JSON; a string is sent as it is.
+    pub body: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct TokenRefArgs {
+    /// The whole token (till_...).
+    pub token: Option<String>,
+    /// Or the token's id (32 hex digits), for a token you minted.
+    pub id: Option<String>,
+}
+
+/// One MCP session: the broker, and who is on the other end.
+#[derive(Clone)]
+pub struct TillMcp {
+    broker: Broker,
+    peer: Arc<Peer>,
+    tool_router: ToolRouter<Self>,
+}
+
+fn refused(r: &Refusal) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(format!(
+        "Refused ({}): {}",
+        r.code.as_str(),
+        r.message
+    ))])
+}
+
+fn ok(v: Value) -> CallToolResult {
+    CallToolResult::structured(v)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn token_ref(a: TokenRefArgs) -> Result<String, Refusal> {
+    a.token
+        .or(a.id)
+        .ok_or_else(|| Refusal::bad_request("give `token` (the whole token) or `id`"))
+}
+
+#[tool_router]
+impl TillMcp {
+    pub fn new(broker: Broker, peer: Peer) -> Self {
+        TillMcp {
+            broker,
+            peer: Arc::new(peer),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Who is calling: over HTTP, the peer of the request's connection (the gateway puts it in the
+    /// request's extensions); over the socket, the session's. Plus the client name the MCP host
+    /// declared in `initialize`.
+    fn who(&self, ctx: &RequestContext<RoleServer>) -> Peer {
+        let mut p = ctx
+            .extensions
+            .get::<hyper::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Peer>())
+            .cloned()
+            .unwrap_or_else(|| (*self.peer).clone());
+        p.client = ctx
+            .peer
+            .peer_info()
+            .map(|i| i.client_info.name.chars().take(64).collect());
+        p
+    }
+
+    async fn run(&self, peer: &Peer, req: till_protocol::Request) -> CallToolResult {
+        match handlers::dispatch(&self.broker, peer, req).await {
+            Response::Error(e) => refused(&Refusal::new(e.code, e.message)),
+            Response::Services(s) => ok(to_value(&s)),
+            Response::Minted(m) => ok(json!({
+                "token": m.token,
+                "id": m.info.id,
+                "service": m.info.service,
+                "rules": m.info.rules,
+                "activations": m.info.uses,
+                "expires_at": m.info.expires_at,
+            })),
+            Response::Token(t) => ok(to_value(&t)),
+            Response::Revoked(r) => ok(to_value(&r)),
+            Response::Tokens(t) => ok(to_value(&t)),
+            other => ok(to_value(&other)),
+        }
+    }
+
+    #[tool(
+        description = "List the services you may call through Till, with the rules (METHOD /path) a token for each may allow and the most activations and lifetime per token.",
+        annotations(read_only_hint = true)
+    )]
+    async fn list_services(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let peer = self.who(&ctx);
+        Ok(self.run(&peer, till_protocol::Request::Services).await)
+    }
+
+    #[tool(
+        description = "Ask Till for a capability token: one service, the rules it allows, a number of activations (default 1). Returns the token to pass to call_api. It carries no secret."
+    )]
+    async fn request_token(
+        &self,
+        Parameters(a): Parameters<RequestTokenArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let peer = self.who(&ctx);
+        let req = MintRequest {
+            service: a.service,
+            allow: a.allow.unwrap_or_default(),
+            uses: a.uses,
+            ttl_secs: a.ttl_seconds,
+            note: a.purpose,
+            bind_to_peer: false,
+        };
+        Ok(self.run(&peer, till_protocol::Request::Mint(req)).await)
+    }
+
+    #[tool(
+        description = "Make one HTTP request to a service through Till, which adds the real API key and removes it from the answer. Spends one activation of `token`; or, with `service` and no token, mints and spends a one-shot token for exactly this request. Returns status, headers and body."
+    )]
+    async fn call_api(
+        &self,
+        Parameters(a): Parameters<CallApiArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let peer = self.who(&ctx);
+        Ok(match self.call(&peer, a).await {
+            Ok(v) => ok(v),
+            Err(r) => refused(&r),
+        })
+    }
+
+    #[tool(
+        description = "A token's state and remaining activations. Spends nothing.",
+        annotations(read_only_hint = true)
+    )]
+    async fn token_status(
+        &self,
+        Parameters(a): Parameters<TokenRefArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let peer = self.who(&ctx);
+        Ok(match token_ref(a) {
+            Ok(t) => {
+                let req = InspectRequest { token_or_id: t };
+                self.run(&peer, till_protocol::Request::Inspect(req)).await
+            }
+            Err(r) => refused(&r),
+        })
+    }
+
+    #[tool(
+        description = "Revoke a token: no request that starts after this can spend it. Returns its final state."
+    )]
+    async fn revoke_token(
+        &self,
+        Parameters(a): Parameters<TokenRefArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let peer = self.who(&ctx);
+        Ok(match token_ref(a) {
+            Ok(t) => {
+                let req = RevokeRequest {
+                    target: RevokeTarget::Token(t),
+                };
+                self.run(&peer, till_protocol::Request::Revoke(req)).await
+            }
+            Err(r) => refused(&r),
+        })
+    }
+}
+
+impl TillMcp {
+    async fn call(&self, peer: &Peer, a: CallApiArgs) -> Result<Value, Refusal> {
+        let b = &self.broker;
+        let mut path = a.path;
+        if let Some(q) = a.query.filter(|q| !q.is_empty()) {
+            let encoded: String = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(q.iter())
+                .finish();
+            path.push(if path.contains('?') { '&' } else { '?' });
+            path.push_str(&encoded);
+        }
+        let mut headers: Vec<(String, String)> =
+            a.headers.unwrap_or_default().into_iter().collect();
+        let body: Vec<u8> = match a.body {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => s.into_bytes(),
+            Some(v) => {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                serde_json::to_vec(&v).unwrap_or_default()
+            }
+        };
+        let act = activate(
+            b,
+            peer,
+            CallTarget {
+                token: a.token.as_deref(),
+                service: a.service.as_deref(),
+                method: &a.method,
+                path: &path,
+                headers: &headers,
+                body_len: body.len(),
+                allow_one_shot: true,
+            },
+        )
+        .await?;
+        let svc = b.service(&act.claims.service)?;
+        let out = Outgoing {
+            method: act.method,
+            path: &act.path,
+            headers: &headers,
+            body: body.into(),
+        };
+        let started = std::time::Instant::now();
+        let result = proxy::forward(svc, out, b.config.max_body).await;
+        b.metrics.upstream(&act.claims.service, started.elapsed());
+        let reply = result.map_err(|e| upstream_refusal(&act.claims.service, &e))?;
+        let headers: BTreeMap<String, String> = reply.headers.into_iter().collect();
+        let (body, encoding) = match String::from_utf8(reply.body) {
+            Ok(text) => (Value::String(text), "text"),
+            Err(e) => (
+                Value::String(base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
+                "base64",
+            ),
+        };
+        Ok(json!({
+            "status": reply.status,
+            "headers": headers,
+            "body": body,
+            "body_encoding": encoding,
+            "token_id": act.claims.id.to_string(),
+            "activations_remaining": act.remaining,
+        }))
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for TillMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("till", env!("CARGO_PKG_VERSION")))
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+/// Serves MCP on the Unix socket `mcp.sock` until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    broker: Broker,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "mcp accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let peer = match Peer::from_unix(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                continue;
+            }
+        };
+        let span = tracing::info_span!("mcp", id = peer.conn, uid = peer.uid, pid = ?peer.pid);
+        let server = TillMcp::new(broker.clone(), peer);
+        let s = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let running = match server.serve(stream).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "mcp session ended before initialize");
+                        return;
+                    }
+                };
+                let ct = running.cancellation_token();
+                tokio::select! {
+                    r = running.waiting() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "mcp session ended");
+                        }
+                    }
+                    _ = s.cancelled() => ct.cancel(),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The streamable-HTTP MCP endpoint the gateway serves at `/mcp`. rmcp's own Host check keeps it to
+/// loopback names (a DNS-rebinding guard for a server on localhost).
+pub type HttpService = rmcp::transport::streamable_http_server::StreamableHttpService<
+    TillMcp,
+    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+>;
+
+pub fn http_service(broker: Broker, shutdown: CancellationToken) -> HttpService {
+    let mut config = rmcp::transport::streamable_http_server::StreamableHttpServerConfig::default();
+    config.cancellation_token = shutdown;
+    let placeholder = Peer::from_tcp(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    );
+    HttpService::new(
+        move || Ok(TillMcp::new(broker.clone(), placeholder.clone())),
+        Arc::new(Default::default()),
+        config,
+    )
+}

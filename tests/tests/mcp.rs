@@ -1,0 +1,312 @@
+//! MCP through a real MCP client (rmcp): `till mcp` over stdio as an agent host launches it, and the
+//! gateway's streamable HTTP `/mcp`.
+
+use rmcp::ServiceExt;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
+};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::{ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess};
+use serde_json::{Value, json};
+use till_tests::{SECRET, TestDaemon, Upstream, bin};
+
+type Session = RunningService<RoleClient, ClientConfig>;
+
+fn agent() -> ClientConfig {
+    ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("test-agent", "1.0"),
+    )
+}
+
+async fn stdio_session(socket: &std::path::Path) -> Session {
+    let cmd = tokio::process::Command::new(bin("till")).configure(|c| {
+        c.arg("--socket").arg(socket).arg("mcp");
+    });
+    agent()
+        .serve(TokioChildProcess::new(cmd).expect("spawn till mcp"))
+        .await
+        .expect("initialize through till mcp")
+}
+
+async fn call(s: &Session, tool: &'static str, args: Value) -> CallToolResult {
+    let args = args.as_object().expect("object").clone();
+    s.call_tool(CallToolRequestParams::new(tool).with_arguments(args))
+        .await
+        .expect("a refusal is a tool result, never a protocol error")
+}
+
+fn text(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn structured(r: &CallToolResult) -> Value {
+    assert_ne!(r.is_error, Some(true), "unexpected refusal: {}", text(r));
+    r.structured_content.clone().expect("structured content")
+}
+
+fn refusal(r: &CallToolResult) -> String {
+    assert_eq!(
+        r.is_error,
+        Some(true),
+        "expected a refusal, got {}",
+        text(r)
+    );
+    text(r)
+}
+
+/// The whole agent story, on any session: list, mint, call, count, refuse, revoke.
+async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
+    let info = s.peer_info().expect("server info");
+    let server = info.server_info.as_ref().expect("server implementation");
+    assert_eq!(
+        (server.name.as_str(), server.version.as_str()),
+        ("till", env!("CARGO_PKG_VERSION"))
+    );
+    let mut names: Vec<String> = s
+        .list_all_tools()
+        .await
+        .expect("tools")
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "call_api",
+            "list_services",
+            "request_token",
+            "revoke_token",
+            "token_status"
+        ]
+    );
+
+    let services = structured(&call(s, "list_services", json!({})).await);
+    assert!(services.to_string().contains("\"echo\""), "{services}");
+    assert!(!services.to_string().contains(SECRET));
+
+    let minted = structured(&call(s, "request_token", json!({"service": "echo", "allow": ["POST /v1/x/**"], "uses": 2, "purpose": "mcp test"})).await);
+    let token = minted["token"].as_str().expect("token").to_owned();
+    let id = minted["id"].as_str().expect("id").to_owned();
+    assert_eq!(minted["activations"], 2);
+
+    let hits = up.hits();
+    let r = structured(&call(s, "call_api", json!({"token": token, "method": "POST", "path": "/v1/x/y", "query": {"a": "1 2"}, "body": {"hello": "world"}})).await);
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["activations_remaining"], 1);
+    let body = r["body"].as_str().expect("body");
+    assert!(
+        body.contains("hello") && body.contains("[redacted by till]"),
+        "{body}"
+    );
+    assert_eq!(up.hits(), hits + 1);
+    let seen = up.seen();
+    let last = seen.last().expect("seen");
+    assert_eq!(last.path_and_query, "/v1/x/y?a=1+2");
+    assert_eq!(last.headers["content-type"], "application/json");
+    assert_eq!(last.headers["authorization"], format!("Bearer {SECRET}"));
+
+    let status = structured(&call(s, "token_status", json!({"token": token})).await);
+    assert_eq!(
+        (status["used"].as_u64(), status["remaining"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // Refusals: readable, actionable, nothing sent upstream.
+    let hits = up.hits();
+    let msg = refusal(
+        &call(
+            s,
+            "call_api",
+            json!({"token": token, "method": "GET", "path": "/v1/x/y"}),
+        )
+        .await,
+    );
+    assert!(
+        msg.contains("outside this token's rules") && msg.contains("POST /v1/x/**"),
+        "{msg}"
+    );
+    let msg = refusal(&call(s, "request_token", json!({"service": "nope"})).await);
+    assert!(
+        msg.contains("no service named") && msg.contains("list"),
+        "{msg}"
+    );
+    let msg = refusal(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "other", "allow": ["DELETE /x"]}),
+        )
+        .await,
+    );
+    assert!(msg.contains("outside what service other allows"), "{msg}");
+    let msg = refusal(
+        &call(
+            s,
+            "call_api",
+            json!({"token": "till_garbage", "method": "GET", "path": "/"}),
+        )
+        .await,
+    );
+    assert!(msg.contains("malformed token"), "{msg}");
+    let msg = refusal(
+        &call(
+            s,
+            "call_api",
+            json!({"token": token, "method": "POST", "path": "/v1/x/../admin"}),
+        )
+        .await,
+    );
+    assert!(msg.contains(".."), "{msg}");
+
+    let revoked = structured(&call(s, "revoke_token", json!({"id": id})).await);
+    assert_eq!(revoked["revoked"][0]["state"], "revoked");
+    let msg = refusal(
+        &call(
+            s,
+            "call_api",
+            json!({"token": token, "method": "POST", "path": "/v1/x/y"}),
+        )
+        .await,
+    );
+    assert!(msg.contains("revoked") && msg.contains("new one"), "{msg}");
+
+    let one = structured(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "echo", "allow": ["GET /v1/one"]}),
+        )
+        .await,
+    );
+    let t1 = one["token"].as_str().expect("token").to_owned();
+    structured(
+        &call(
+            s,
+            "call_api",
+            json!({"token": t1, "method": "GET", "path": "/v1/one"}),
+        )
+        .await,
+    );
+    let msg = refusal(
+        &call(
+            s,
+            "call_api",
+            json!({"token": t1, "method": "GET", "path": "/v1/one"}),
+        )
+        .await,
+    );
+    assert!(
+        msg.contains("all spent") && msg.contains("ask your user"),
+        "{msg}"
+    );
+    assert_eq!(
+        up.hits(),
+        hits + 1,
+        "only the one good call reached the upstream"
+    );
+
+    // A one-shot call: exactly one activation of a fresh token scoped to exactly this request.
+    let before: Vec<String> = d
+        .client()
+        .await
+        .tokens(true)
+        .await
+        .expect("tokens")
+        .tokens
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let r = structured(
+        &call(
+            s,
+            "call_api",
+            json!({"service": "echo", "method": "GET", "path": "/v1/once"}),
+        )
+        .await,
+    );
+    assert_eq!(r["activations_remaining"], 0);
+    let after = d.client().await.tokens(true).await.expect("tokens").tokens;
+    let fresh: Vec<_> = after.iter().filter(|t| !before.contains(&t.id)).collect();
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(
+        (fresh[0].rules.clone(), fresh[0].uses, fresh[0].used),
+        (vec!["GET /v1/once".to_string()], 1, 1)
+    );
+    assert_eq!(fresh[0].id, r["token_id"].as_str().expect("id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_through_till_mcp_on_stdio() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let s = stdio_session(&d.socket).await;
+    agent_story(&s, &d, &up).await;
+    s.cancel().await.expect("close");
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("\"client\":\"test-agent\""),
+        "the trail names the MCP client"
+    );
+    assert!(!audit.contains(SECRET) && !d.log_text().contains(SECRET));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.dir.join("mcp.sock"))
+            .expect("mcp.sock")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_through_streamable_http_mcp() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let transport = StreamableHttpClientTransport::from_uri(format!("{g}/mcp"));
+    let s = agent()
+        .serve(transport)
+        .await
+        .expect("initialize over HTTP");
+    agent_story(&s, &d, &up).await;
+    s.cancel().await.expect("close");
+    let audit = d.audit_text();
+    // The HTTP peer is identified from /proc/net/tcp: this test's own uid.
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .expect("uid");
+    assert!(
+        audit.contains(&format!(
+            "\"uid\":{uid},\"pid\":null,\"exe\":\"tcp 127.0.0.1:"
+        )),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn till_mcp_answers_with_a_reason_when_the_daemon_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = stdio_session(&dir.path().join("none.sock")).await;
+    let tools = s.list_all_tools().await.expect("tools");
+    assert_eq!(tools.len(), 5);
+    let msg = refusal(&call(&s, "list_services", json!({})).await);
+    assert!(
+        msg.contains("not running") && msg.contains("tilld"),
+        "{msg}"
+    );
+    let msg = refusal(
+        &call(
+            &s,
+            "call_api",
+            json!({"service": "openai", "method": "GET", "path": "/v1/models"}),
+        )
+        .await,
+    );
+    assert!(msg.contains("start it"), "{msg}");
+    s.cancel().await.expect("close");
+}
