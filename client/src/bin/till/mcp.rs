@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::{ErrorData as McpError, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
-use tokio::net::UnixStream;
 
 /// `--mcp-socket`, else `$TILL_MCP_SOCKET`, else `mcp.sock` beside the native socket.
 pub fn mcp_socket_path(explicit: Option<&Path>, native: &Path) -> PathBuf {
@@ -23,8 +22,13 @@ pub fn mcp_socket_path(explicit: Option<&Path>, native: &Path) -> PathBuf {
 }
 
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    match UnixStream::connect(path).await {
-        Ok(stream) => relay(stream).await,
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(stream) => {
+            // Plain blocking copies on two threads: each direction is woken by the kernel
+            // directly, with no event loop in between (this relay sits on every tool call).
+            tokio::task::spawn_blocking(move || relay(stream)).await??;
+            Ok(())
+        }
         Err(e) => {
             let reason = format!(
                 "Till's daemon is not running: nothing answers on {} ({e}). Ask your user to start it \
@@ -40,26 +44,31 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-async fn relay(stream: UnixStream) -> anyhow::Result<()> {
-    let (mut from_daemon, mut to_daemon) = stream.into_split();
-    let mut stdin = tokio::io::stdin();
-    let mut stdout = tokio::io::stdout();
-    let up = async {
-        tokio::io::copy(&mut stdin, &mut to_daemon).await?;
+fn relay(stream: std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    let mut to_daemon = stream.try_clone()?;
+    let mut from_daemon = stream;
+    std::thread::spawn(move || {
+        let _ = pump(&mut std::io::stdin().lock(), &mut to_daemon);
         // The host closed stdin: tell the daemon, which then ends the session and closes.
-        use tokio::io::AsyncWriteExt;
-        to_daemon.shutdown().await
-    };
-    let down = async {
-        tokio::io::copy(&mut from_daemon, &mut stdout).await?;
-        use tokio::io::AsyncWriteExt;
-        stdout.flush().await
-    };
-    tokio::select! {
-        r = down => r?,
-        r = async { up.await?; std::future::pending::<std::io::Result<()>>().await } => r?,
+        let _ = to_daemon.shutdown(std::net::Shutdown::Write);
+    });
+    pump(&mut from_daemon, &mut std::io::stdout().lock())
+}
+
+/// Copies until end of input, passing each read on at once (a JSON-RPC message must not wait in
+/// a buffer for the next one).
+fn pump(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
     }
-    Ok(())
 }
 
 /// The stand-in server when the daemon is down: every tool answers with the reason.
