@@ -22,7 +22,6 @@ use till_protocol::{InspectRequest, MintRequest, Response, RevokeRequest, Revoke
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::broker::{Broker, Refusal};
 use crate::handlers;
@@ -329,50 +328,34 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "mcp accept failed");
-                tokio::task::yield_now().await;
-                continue;
+    let s = shutdown.clone();
+    crate::server::accept_unix(
+        listener,
+        shutdown,
+        tracker,
+        "mcp.sock",
+        move |stream, peer| session(stream, TillMcp::new(broker.clone(), peer), s.clone()),
+    )
+    .await;
+}
+
+/// One MCP session on the socket, until the client leaves or the daemon shuts down.
+async fn session(stream: tokio::net::UnixStream, server: TillMcp, shutdown: CancellationToken) {
+    let running = match server.serve(stream).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "mcp session ended before initialize");
+            return;
+        }
+    };
+    let ct = running.cancellation_token();
+    tokio::select! {
+        r = running.waiting() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "mcp session ended");
             }
-        };
-        let peer = match Peer::from_unix(&stream) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read peer credentials; closing");
-                continue;
-            }
-        };
-        let span = tracing::info_span!("mcp", id = peer.conn, uid = peer.uid, pid = ?peer.pid);
-        let server = TillMcp::new(broker.clone(), peer);
-        let s = shutdown.clone();
-        tracker.spawn(
-            async move {
-                let running = match server.serve(stream).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "mcp session ended before initialize");
-                        return;
-                    }
-                };
-                let ct = running.cancellation_token();
-                tokio::select! {
-                    r = running.waiting() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "mcp session ended");
-                        }
-                    }
-                    _ = s.cancelled() => ct.cancel(),
-                }
-            }
-            .instrument(span),
-        );
+        }
+        _ = shutdown.cancelled() => ct.cancel(),
     }
 }
 

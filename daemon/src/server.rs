@@ -90,41 +90,60 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
     Ok((bind_unix(socket)?, lock))
 }
 
-/// Accepts until `shutdown` fires. Each connection runs on `tracker`.
+/// Accepts on a Unix socket until `shutdown` fires, reads each peer's credentials, and runs
+/// `serve_one(stream, peer)` for it on `tracker`. Shared by the native and the MCP socket.
+pub async fn accept_unix<F, Fut>(
+    listener: UnixListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    name: &'static str,
+    serve_one: F,
+) where
+    F: Fn(UnixStream, Peer) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: keep serving the connections we have.
+                tracing::warn!(error = %e, socket = name, "accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let peer = match Peer::from_unix(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, socket = name, "cannot read peer credentials; closing");
+                continue;
+            }
+        };
+        let span = tracing::info_span!("conn", socket = name, id = peer.conn, uid = peer.uid, pid = ?peer.pid);
+        tracker.spawn(serve_one(stream, peer).instrument(span));
+    }
+}
+
+/// Serves the native protocol until `shutdown` fires.
 pub async fn serve(
     listener: UnixListener,
     broker: Broker,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let b = broker.clone();
-                let s = shutdown.clone();
-                tracker.spawn(async move {
-                    let peer = match Peer::from_unix(&stream) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read peer credentials; closing");
-                            return;
-                        }
-                    };
-                    let span = tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = ?peer.pid);
-                    connection(stream, peer, b, s).instrument(span).await;
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: keep serving the connections we have.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::task::yield_now().await;
-            }
-        }
-    }
+    let s = shutdown.clone();
+    accept_unix(
+        listener,
+        shutdown,
+        tracker,
+        "till.sock",
+        move |stream, peer| connection(stream, peer, broker.clone(), s.clone()),
+    )
+    .await;
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {

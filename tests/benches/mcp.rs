@@ -9,7 +9,7 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
 use serde_json::json;
 use till_protocol::{CallRequest, MintRequest};
-use till_tests::{TestDaemon, Upstream, bin, standard_config};
+use till_tests::{Upstream, bin};
 
 const N: usize = 2000;
 
@@ -19,25 +19,11 @@ fn p50(mut v: Vec<Duration>) -> f64 {
 }
 
 fn main() {
-    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let up = upstream_rt.block_on(Upstream::start(None));
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(bench(up));
+    till_tests::run_bench(bench);
 }
 
 async fn bench(up: Upstream) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let text = standard_config(tmp.path(), &up.url(), "")
-        .replace("max_uses = 1000", "max_uses = 1000000000");
-    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
-    let d = TestDaemon::start_in(tmp.path());
+    let (_tmp, d) = till_tests::bench_daemon(&up);
     let mut native = d.client().await;
     let token = native
         .mint(MintRequest {

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use till_protocol::{CallRequest, MintRequest};
-use till_tests::{Client, TestDaemon, Upstream, standard_config};
+use till_tests::{Client, TestDaemon, Upstream};
 
 const N: usize = 3000;
 const CONCURRENCY: usize = 16;
@@ -113,27 +113,11 @@ fn fsync_floor(dir: &std::path::Path) -> Duration {
 }
 
 fn main() {
-    // The upstream is another server: it gets its own runtime. The bench client runs on a
-    // current-thread runtime, as the `till` CLI does, so its figures are not a scheduler's.
-    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("upstream runtime");
-    let up = upstream_rt.block_on(Upstream::start(None));
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(bench(up));
+    till_tests::run_bench(bench);
 }
 
 async fn bench(up: Upstream) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let text = standard_config(tmp.path(), &up.url(), "")
-        .replace("max_uses = 1000", "max_uses = 1000000000");
-    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
-    let d = TestDaemon::start_in(tmp.path());
+    let (tmp, d) = till_tests::bench_daemon(&up);
     println!(
         "tilld {} (release), upstream {}, {N} samples per line\n",
         env!("CARGO_PKG_VERSION"),

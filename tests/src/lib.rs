@@ -459,6 +459,36 @@ impl TestDaemon {
     }
 }
 
+/// Runs a benchmark: the upstream (another server) on its own runtime, the bench client on a
+/// current-thread runtime as the `till` CLI uses, so its figures are not a scheduler's.
+pub fn run_bench<F, Fut>(bench: F)
+where
+    F: FnOnce(Upstream) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("upstream runtime");
+    let up = upstream_rt.block_on(Upstream::start(None));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench(up));
+}
+
+/// A daemon for benchmarks: the standard config with room for a billion activations per token.
+pub fn bench_daemon(up: &Upstream) -> (tempfile::TempDir, TestDaemon) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = standard_config(tmp.path(), &up.url(), "")
+        .replace("max_uses = 1000", "max_uses = 1000000000");
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let d = TestDaemon::start_in(tmp.path());
+    (tmp, d)
+}
+
 /// An HTTP client for talking to the gateway (reqwest with ring, as the daemon uses).
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
