@@ -17,11 +17,10 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::peer::Peer;
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+use till_protocol::audit::{GENESIS, line_hash};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -186,7 +185,7 @@ fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, Stri
         prev,
     };
     let body = serde_json::to_string(&line).unwrap_or_default();
-    let hash = hex(&Sha256::digest(body.as_bytes()));
+    let hash = line_hash(&body);
     let mut out = String::with_capacity(body.len() + 80);
     out.push_str(&body[..body.len() - 1]);
     out.push_str(",\"hash\":\"");
@@ -195,59 +194,10 @@ fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, Stri
     (out, hash)
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Checks a whole trail's chain; returns the number of lines, or the 1-based number of the first
-/// bad line and why.
-pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
-    let mut prev = GENESIS.to_string();
-    let mut expected_seq: Option<u64> = None;
-    let mut count = 0;
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        let Some(cut) = line.rfind(",\"hash\":\"") else {
-            return Err((n, "no hash field".into()));
-        };
-        let body = format!("{}}}", &line[..cut]);
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| (n, format!("not JSON: {e}")))?;
-        let claimed = v["hash"].as_str().unwrap_or("");
-        if hex(&Sha256::digest(body.as_bytes())) != claimed {
-            return Err((
-                n,
-                "the line was edited: its hash does not match its content".into(),
-            ));
-        }
-        let line_prev = v["prev"].as_str().unwrap_or("");
-        let seq = v["seq"].as_u64().unwrap_or(0);
-        if line_prev != prev {
-            return Err((
-                n,
-                "the chain breaks here: a line before it was removed, inserted or reordered".into(),
-            ));
-        }
-        if let Some(exp) = expected_seq
-            && seq != exp
-        {
-            return Err((n, format!("sequence {seq} where {exp} was expected")));
-        }
-        expected_seq = Some(seq + 1);
-        prev = claimed.to_owned();
-        count += 1;
-    }
-    Ok(count)
-}
-
 #[cfg(test)]
 mod tests {
+    use till_protocol::audit::verify_chain;
+
     use super::*;
 
     fn trail(n: u64) -> String {

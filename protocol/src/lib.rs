@@ -4,8 +4,10 @@
 //! - [`message`]: the native protocol's `Request`/`Response` enums, framing constants, error codes.
 //! - [`token`]: the capability token: claims, byte layout (docs/TOKEN.md), ed25519 sign and verify.
 //! - [`scope`]: the `METHOD /path/*/**` rule grammar, request-path validation, matching, containment.
+//! - [`audit`]: the audit trail's hash chain and its check.
 //! - [`paths`]: where the daemon's socket is by default, shared by the daemon and the CLI.
 
+pub mod audit;
 pub mod message;
 pub mod paths;
 pub mod scope;

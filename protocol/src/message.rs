@@ -82,6 +82,9 @@ pub struct StatusReply {
     pub gateway: Option<String>,
     pub live_tokens: u64,
     pub services: u64,
+    /// Where the audit trail is written (for `till audit verify`).
+    #[serde(default)]
+    pub audit_log: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -151,6 +151,33 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         assert!(audit.contains(e), "the audit shows {e}: {audit}");
     }
     assert!(!audit.contains(&token), "never a whole token in the trail");
+
+    // `till audit verify`: the daemon's own trail holds; edited, removed and swapped lines do not.
+    let out = d.till(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("chain intact"));
+    let trail = d.audit_text();
+    let lines: Vec<&str> = trail.lines().collect();
+    assert!(lines.len() > 5);
+    let mut edited = lines.clone();
+    let changed = lines[3].replacen("\"uid\":", "\"uid\":1", 1);
+    edited[3] = &changed;
+    let mut removed = lines.clone();
+    removed.remove(2);
+    let mut swapped = lines.clone();
+    swapped.swap(1, 2);
+    for (name, version, bad_line) in [
+        ("edited", edited, 4),
+        ("removed", removed, 3),
+        ("swapped", swapped, 2),
+    ] {
+        let path = d.dir.join(format!("{name}.jsonl"));
+        std::fs::write(&path, version.join("\n") + "\n").expect("write");
+        let out = d.till(&["audit", "verify", path.to_str().expect("utf8")]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("line {bad_line}:")), "{name}: {err}");
+    }
 }
 
 #[test]

@@ -14,5 +14,6 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
         gateway: b.config.gateway.map(|g| format!("http://{g}")),
         live_tokens: live,
         services: b.services.len() as u64,
+        audit_log: Some(b.config.audit_log.display().to_string()),
     }))
 }

@@ -101,13 +101,15 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
-    /// Read the audit trail (admin).
+    /// Read the audit trail (admin); `till audit verify [FILE]` checks its hash chain.
     Audit {
         /// How many of the latest events.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        verify: Option<AuditCmd>,
     },
     /// The daemon's signing public key(s).
     Pubkey,
@@ -123,6 +125,16 @@ enum Cmd {
         /// A public key (base64url, from `till pubkey`); repeatable. Without one, asks the daemon.
         #[arg(long = "key", env = "TILL_PUBKEY")]
         keys: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the trail's hash chain and name the first bad line (edited, removed, inserted or
+    /// reordered). Exit 0 when it holds, 1 when it does not.
+    Verify {
+        /// The trail file (default: the daemon's, as `till status` would report it).
+        file: Option<PathBuf>,
     },
 }
 
@@ -305,7 +317,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("nothing to revoke");
             }
         }
-        Cmd::Audit { limit, json } => {
+        Cmd::Audit {
+            verify: Some(AuditCmd::Verify { file }),
+            ..
+        } => {
+            let file = match file {
+                Some(f) => f,
+                None => PathBuf::from(
+                    connect(&cli.socket)
+                        .await?
+                        .status()
+                        .await?
+                        .audit_log
+                        .ok_or_else(|| {
+                            anyhow!("the daemon did not say where its trail is; give FILE")
+                        })?,
+                ),
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            match till_protocol::audit::verify_chain(&text) {
+                Ok(n) => println!("{}: {n} events, chain intact", file.display()),
+                Err((line, why)) => {
+                    return Err(Failed(format!("{}: line {line}: {why}", file.display())).into());
+                }
+            }
+        }
+        Cmd::Audit {
+            limit,
+            json,
+            verify: None,
+        } => {
             let reply = connect(&cli.socket).await?.audit(Some(limit)).await?;
             if json {
                 for l in &reply.lines {
