@@ -169,6 +169,34 @@ impl Broker {
         ))
     }
 
+    /// `[[peers]]`: with rules configured, a peer mints only for the services a rule of its uid or
+    /// one of its groups lists. Admins are not limited.
+    pub fn require_peer_may_mint_for(&self, peer: &Peer, service: &str) -> Result<(), Refusal> {
+        let rules = &self.config.peers;
+        if rules.is_empty() || self.is_admin(peer) {
+            return Ok(());
+        }
+        let allowed = rules.iter().any(|r| {
+            let matches = match r.who {
+                crate::config::PeerMatch::Uid(u) => peer.uid == u,
+                crate::config::PeerMatch::Gid(g) => peer.in_group(g),
+            };
+            matches && r.services.iter().any(|s| s == "*" || s == service)
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "uid {} may not mint tokens for service {service} ([[peers]] in till.toml); ask \
+                     the operator to allow it, or for a token",
+                    peer.uid
+                ),
+            ))
+        }
+    }
+
     pub fn require_admin(&self, peer: &Peer, what: &str) -> Result<(), Refusal> {
         if self.is_admin(peer) {
             Ok(())

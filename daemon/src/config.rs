@@ -35,6 +35,33 @@ struct FileConfig {
     defaults: DefaultsSection,
     #[serde(default)]
     services: BTreeMap<String, ServiceSection>,
+    /// Which peers may mint for which services. None: every peer that can reach the socket.
+    #[serde(default)]
+    peers: Vec<PeerSection>,
+}
+
+/// `[[peers]]`: one of `uid`, `gid` or `group`, and the services it may mint for (`"*"`: all).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerSection {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    group: Option<String>,
+    services: Vec<String>,
+}
+
+/// Who a `[[peers]]` rule is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMatch {
+    Uid(u32),
+    Gid(u32),
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerRule {
+    pub who: PeerMatch,
+    /// Service names; `"*"` means every service.
+    pub services: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +168,8 @@ pub struct Config {
     pub default_ttl: Duration,
     pub max_body: usize,
     pub services: BTreeMap<String, ServiceConfig>,
+    /// `[[peers]]`; empty means no per-peer limits.
+    pub peers: Vec<PeerRule>,
     /// The file this came from; `None` for the built-in defaults.
     pub source: Option<PathBuf>,
 }
@@ -286,6 +315,26 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         let svc = build_service(&name, section).with_context(|| format!("services.{name}"))?;
         services.insert(name, svc);
     }
+    let mut peers = Vec::new();
+    for (i, p) in file.peers.into_iter().enumerate() {
+        let who = match (p.uid, p.gid, &p.group) {
+            (Some(u), None, None) => PeerMatch::Uid(u),
+            (None, Some(g), None) => PeerMatch::Gid(g),
+            (None, None, Some(name)) => PeerMatch::Gid(group_id(name).ok_or_else(|| {
+                anyhow!("peers[{i}].group = {name:?}: no such group in /etc/group")
+            })?),
+            _ => bail!("peers[{i}]: write exactly one of uid, gid or group"),
+        };
+        for s in &p.services {
+            if s != "*" && !services.contains_key(s) {
+                bail!("peers[{i}].services: {s:?} is not a configured service");
+            }
+        }
+        peers.push(PeerRule {
+            who,
+            services: p.services,
+        });
+    }
     Ok(Config {
         socket,
         mcp_socket,
@@ -297,7 +346,19 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         default_ttl,
         max_body,
         services,
+        peers,
         source: None,
+    })
+}
+
+/// A group's id from `/etc/group` (no NSS: the daemon's config names local groups).
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name)
+            .then(|| f.nth(1)?.parse().ok())
+            .flatten()
     })
 }
 

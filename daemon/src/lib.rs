@@ -12,6 +12,7 @@
 //!
 //! [`run`] is what `main` calls after binding, and what tests could call with their own listener.
 
+pub mod activation;
 pub mod audit;
 pub mod broker;
 pub mod config;
@@ -58,7 +59,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 /// Tells systemd (or a test) that the daemon is ready, when `$NOTIFY_SOCKET` is set.
-fn notify(state: &str) {
+pub fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -85,6 +86,8 @@ pub struct Listeners {
     pub socket: UnixListener,
     pub mcp: UnixListener,
     pub gateway: Option<tokio::net::TcpListener>,
+    /// The Unix sockets came from systemd: they are systemd's to remove, not ours.
+    pub activated: bool,
 }
 
 /// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
@@ -93,6 +96,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         socket: listener,
         mcp: mcp_listener,
         gateway: gateway_listener,
+        activated,
     } = listeners;
     let mut loaded = loaded;
     if let Some(g) = &gateway_listener {
@@ -164,8 +168,10 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
             ..Event::default()
         },
     );
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&mcp_socket);
+    if !activated {
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&mcp_socket);
+    }
     drop(broker);
     drop(audit);
     if drained {

@@ -60,6 +60,8 @@ fn start(args: Args) -> Result<()> {
         );
     }
     let loaded = config.load_secrets()?;
+    // Before any thread exists: socket activation's fds and variables.
+    let fds = tilld::sys::take_listen_fds().context("cannot take the sockets systemd passed")?;
     // reqwest is built without a default crypto provider; ring is the one we ship.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,17 +69,30 @@ fn start(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let (socket, _lock) = tilld::server::bind(&loaded.config.socket)?;
-        let mcp = tilld::server::bind_unix(&loaded.config.mcp_socket)?;
-        let gateway = match loaded.config.gateway {
-            Some(addr) => Some(
+        let cfg = &loaded.config;
+        // The single-instance lock holds with socket activation too.
+        let _lock = tilld::server::lock(&cfg.socket)?;
+        let activated = tilld::activation::sort(fds, cfg)?;
+        let was_activated = activated.socket.is_some();
+        let socket = match activated.socket {
+            Some(s) => s,
+            None => tilld::server::bind_unix(&cfg.socket)?,
+        };
+        let mcp = match activated.mcp {
+            Some(s) => s,
+            None => tilld::server::bind_unix(&cfg.mcp_socket)?,
+        };
+        let gateway = match (activated.gateway, cfg.gateway) {
+            (Some(g), _) => Some(g),
+            (None, Some(addr)) => Some(
                 tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on the gateway address {addr}"))?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let shutdown = CancellationToken::new();
+        tilld::activation::watchdog(shutdown.clone());
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -96,6 +111,7 @@ fn start(args: Args) -> Result<()> {
             socket,
             mcp,
             gateway,
+            activated: was_activated,
         };
         tilld::run(loaded, listeners, shutdown).await
     })

@@ -30,6 +30,8 @@ pub struct Peer {
     /// `/proc/<pid>/exe`, when readable: a hint for the audit trail, not proof (a pid can be reused).
     pub exe: Option<String>,
     pub transport: Transport,
+    /// Supplementary groups, from `/proc/<pid>/status` (for `[[peers]]` rules by group).
+    pub groups: Vec<u32>,
     /// The name an MCP client declared in `initialize`: a claim, not proof.
     pub client: Option<String>,
 }
@@ -48,6 +50,7 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid,
+            groups: pid.map(groups_of).unwrap_or_default(),
             exe,
             transport: Transport::Socket,
             client: None,
@@ -63,6 +66,7 @@ impl Peer {
             gid: UNKNOWN_UID,
             pid: None,
             exe: Some(format!("tcp {remote}")),
+            groups: Vec::new(),
             transport: Transport::Tcp,
             client: None,
         }
@@ -76,10 +80,29 @@ impl Peer {
             gid: 0,
             pid: Some(std::process::id() as i32),
             exe: None,
+            groups: Vec::new(),
             transport: Transport::Socket,
             client: None,
         }
     }
+
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// A process's supplementary groups (`Groups:` in `/proc/<pid>/status`).
+fn groups_of(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// Finds the uid owning the client end (`remote`) of a loopback TCP connection to `local`.
@@ -88,8 +111,8 @@ pub fn tcp_peer_uid(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
         return None;
     }
     let file = match remote {
-        SocketAddr::V4(_) => "/proc/net/tcp",
-        SocketAddr::V6(_) => "/proc/net/tcp6",
+        SocketAddr::V4(_) => "/proc/self/net/tcp",
+        SocketAddr::V6(_) => "/proc/self/net/tcp6",
     };
     let table = std::fs::read_to_string(file).ok()?;
     table.lines().skip(1).find_map(|line| {

@@ -45,3 +45,41 @@ pub fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
     unsafe { libc::umask(old) };
     out
 }
+
+/// Sockets handed over by systemd's socket activation (`LISTEN_PID`, `LISTEN_FDS` from fd 3 on).
+/// Empty when the variables are absent or meant for another process. Call once, at startup, before
+/// any thread exists (it clears the variables so children do not inherit them).
+pub fn take_listen_fds() -> io::Result<Vec<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: called before the runtime or any other thread starts, so nothing reads the
+    // environment concurrently.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !for_us || n <= 0 {
+        return Ok(Vec::new());
+    }
+    let mut fds = Vec::new();
+    for fd in 3..3 + n {
+        // SAFETY: systemd passes fds 3..3+LISTEN_FDS open and owned by this process; nothing else
+        // in the process has taken them (this runs first), so each becomes owned exactly once.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fcntl on an fd we own, with integer arguments.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        fds.push(owned);
+    }
+    Ok(fds)
+}

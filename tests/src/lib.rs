@@ -349,6 +349,41 @@ impl TestDaemon {
 
     /// Starts `tilld` and waits for `READY=1`; on failure returns its exit status and log.
     pub fn try_start_in(dir: &Path) -> Result<TestDaemon, String> {
+        Self::try_start_with(dir, |config| {
+            let mut cmd = Command::new(bin("tilld"));
+            cmd.arg("--config").arg(config);
+            cmd
+        })
+    }
+
+    /// Starts `tilld` as systemd's socket activation would: the listening sockets `fds` (already
+    /// bound by the caller) become fds 3, 4, ... of the daemon, with `LISTEN_FDS` and `LISTEN_PID`.
+    pub fn start_activated(dir: &Path, fds: &[std::os::fd::RawFd]) -> TestDaemon {
+        // bash sets LISTEN_PID to its own pid, which exec keeps; its redirections move the sockets
+        // to fds 3.. in the exec'd daemon (dash refuses fds above 9, hence bash).
+        let redirects: String = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| format!(" {}<&{fd}", 3 + i))
+            .collect();
+        let script = format!(
+            "LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" --config \"$1\"{redirects}",
+            fds.len()
+        );
+        match Self::try_start_with(dir, |config| {
+            let mut cmd = Command::new("bash");
+            cmd.arg("-c").arg(&script).arg(bin("tilld")).arg(config);
+            cmd
+        }) {
+            Ok(d) => d,
+            Err(msg) => panic!("socket-activated tilld did not become ready: {msg}"),
+        }
+    }
+
+    fn try_start_with(
+        dir: &Path,
+        command: impl FnOnce(&Path) -> Command,
+    ) -> Result<TestDaemon, String> {
         let notify_path = dir.join(format!("notify-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
@@ -362,9 +397,7 @@ impl TestDaemon {
             .open(&log)
             .expect("log");
         let config = dir.join("till.toml");
-        let mut child = Command::new(bin("tilld"))
-            .arg("--config")
-            .arg(&config)
+        let mut child = command(&config)
             .env("NOTIFY_SOCKET", &notify_path)
             // Tests log at debug, so a secret in any log line would be seen; benchmarks set TILL_LOG.
             .env(

@@ -24,6 +24,7 @@ pub fn claims_for(
 ) -> Result<Claims, Refusal> {
     b.require_minter(peer)?;
     let svc = &b.service(service)?.config;
+    b.require_peer_may_mint_for(peer, service)?;
     let ceiling = || {
         svc.allow
             .iter()

@@ -1,0 +1,153 @@
+//! Running as a service: socket activation (`LISTEN_FDS`), readiness, and peers of other uids
+//! (a peer outside the socket's group, a non-admin, `[[peers]]` limits). Needs root, to hand the
+//! sockets to a group and to run clients as other uids.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use till_tests::{TestDaemon, Upstream, bin, standard_config};
+
+const AGENTS_GID: u32 = 43210;
+const AGENT_UID: u32 = 43211;
+const OUTSIDER_UID: u32 = 43212;
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// Binds a socket as systemd's `tilld.socket` would: mode 0660, group `AGENTS_GID`; returns it
+/// with its fd duplicated high and inheritable (the fd the daemon will get).
+fn activated_socket(path: &std::path::Path) -> (std::os::unix::net::UnixListener, i32) {
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).expect("chmod");
+    std::os::unix::fs::chown(path, Some(0), Some(AGENTS_GID)).expect("chown");
+    (
+        l.try_clone().expect("clone"),
+        inheritable_dup(l.as_raw_fd()),
+    )
+}
+
+#[allow(unsafe_code)]
+fn inheritable_dup(fd: i32) -> i32 {
+    // SAFETY: fcntl on an fd this process owns; F_DUPFD returns a new fd (no CLOEXEC) at or above
+    // 100, out of the way of the 3.. the daemon will receive.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD, 100) };
+    assert!(dup >= 100, "dup failed");
+    dup
+}
+
+fn till_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, args: &[&str]) -> Output {
+    let groups = groups.to_vec();
+    let mut cmd = Command::new(bin("till"));
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("TILL_TOKEN");
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec, only async-signal-safe calls that allocate nothing: groups,
+    // then gid, then uid (std's own uid/gid would run before this and drop the right to setgroups).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run till as another uid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_group_access_admin_and_peer_limits() {
+    if !is_root() {
+        eprintln!("skipped: needs root to hand sockets to a group and run clients as other uids");
+        return;
+    }
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let mut text = standard_config(dir, &up.url(), "admin_uids = [0]");
+    text.push_str(&format!(
+        "\n[[peers]]\ngid = {AGENTS_GID}\nservices = [\"echo\"]\n"
+    ));
+    std::fs::write(dir.join("till.toml"), text).expect("config");
+    let (_keep1, fd1) = activated_socket(&dir.join("till.sock"));
+    let (_keep2, fd2) = activated_socket(&dir.join("mcp.sock"));
+
+    let d = TestDaemon::start_activated(dir, &[fd1, fd2]);
+    // READY=1 came after the listeners work: a client is served at once, on systemd's socket.
+    let status = d
+        .client()
+        .await
+        .status()
+        .await
+        .expect("served on the handed-over socket");
+    assert_eq!(status.socket, dir.join("till.sock").display().to_string());
+    let mode = std::fs::metadata(dir.join("till.sock"))
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "the unit's mode is kept, not replaced");
+
+    // A peer outside the socket's group cannot connect at all.
+    let out = till_as(OUTSIDER_UID, OUTSIDER_UID, &[], &d.socket, &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+
+    // An agent in the group: served, but not an admin, and limited by [[peers]].
+    let agent = |args: &[&str]| till_as(AGENT_UID, AGENT_UID, &[AGENTS_GID], &d.socket, args);
+    assert!(agent(&["status"]).status.success());
+    let out = agent(&["revoke", "--all"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent(&["audit"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = agent(&["mint", "other", "--allow", "GET /x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[[peers]]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent(&["mint", "echo", "--allow", "GET /x"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let out = agent(&["call", "echo", "GET", "/x", "--token", &token]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = d.audit_text();
+    assert!(
+        audit.contains(&format!("\"uid\":{AGENT_UID}")),
+        "the trail names the agent's uid"
+    );
+
+    // The root admin may do what the agent may not.
+    assert!(
+        d.till(&["mint", "other", "--allow", "GET /x"])
+            .status
+            .success()
+    );
+    assert!(d.till(&["audit"]).status.success());
+}
