@@ -534,6 +534,16 @@ mod tests {
     }
 
     #[test]
+    fn system_example_parses() {
+        // [[peers]] names the till-agents group, which this machine may not have.
+        let text = include_str!("../../examples/system-till.toml")
+            .replace("group = \"till-agents\"", "gid = 998");
+        let cfg = Config::parse(&text, 0).expect("examples/system-till.toml must keep loading");
+        assert_eq!(cfg.peers.len(), 1);
+        assert_eq!(cfg.admin_uids, vec![0]);
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let err = Config::parse("[daemon]\nsocket = \"/tmp/x\"\nsokcet = 1\n", 1000)
             .expect_err("unknown key")
