@@ -145,6 +145,8 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         tracker.clone(),
     ));
     notify("READY=1");
+    // Pings only from readiness on: before it, systemd's start timeout is what applies.
+    activation::watchdog(shutdown.clone());
     server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;
 
     notify("STOPPING=1");

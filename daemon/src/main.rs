@@ -92,7 +92,6 @@ fn start(args: Args) -> Result<()> {
             (None, None) => None,
         };
         let shutdown = CancellationToken::new();
-        tilld::activation::watchdog(shutdown.clone());
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;

@@ -151,3 +151,51 @@ async fn socket_activation_group_access_admin_and_peer_limits() {
     );
     assert!(d.till(&["audit"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_then_watchdog_pings_when_systemd_asks_for_them() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("till.toml"),
+        standard_config(tmp.path(), &up.url(), ""),
+    )
+    .expect("config");
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind");
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut child = Command::new(bin("tilld"))
+        .arg("--config")
+        .arg(tmp.path().join("till.toml"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 128];
+    while !seen.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        let n = notify.recv(&mut buf).expect("a notification within 30 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("READY=1") {
+            // Ready means served: the socket answers now.
+            till_tests::Client::connect(&tmp.path().join("till.sock"))
+                .await
+                .expect("served at READY");
+        }
+        seen.push(msg);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = seen
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .expect("READY=1 was sent");
+    let ping = seen
+        .iter()
+        .position(|m| m.contains("WATCHDOG=1"))
+        .expect("pinged");
+    assert!(ready < ping, "READY=1 comes first: {seen:?}");
+}
