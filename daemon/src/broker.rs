@@ -250,9 +250,11 @@ impl Broker {
         map.insert(TokenId(record.id), record);
     }
 
-    /// Checks a token's state and takes one activation, queueing the new count for a durable
+    /// Checks a token's state, and that of every token it was narrowed from, and takes one
+    /// activation from each of them: a narrowed token spends its ancestors' budget too, so a parent
+    /// can never be overspent through its children. All changed records are queued for one durable
     /// commit. `fresh` is inserted first (a one-shot token minted for this request). Returns the
-    /// pending commit and the activations left after this one.
+    /// pending commit and the activations left on the token itself.
     pub fn reserve(
         &self,
         id: TokenId,
@@ -263,38 +265,50 @@ impl Broker {
         if let Some(rec) = fresh {
             map.insert(id, rec);
         }
-        let rec = map.get_mut(&id).ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::UnknownToken,
-                "this token is not in the daemon's records (it may have been minted just before a \
-                 crash, or by another daemon); mint a new one",
-            )
-        })?;
-        match rec.state(now) {
-            TokenState::Live => {}
-            TokenState::Revoked => {
-                return Err(Refusal::new(
-                    ErrorCode::Revoked,
-                    "this token was revoked; ask for a new one",
-                ));
-            }
-            TokenState::Expired => {
-                return Err(Refusal::new(
-                    ErrorCode::Expired,
-                    "this token has expired; mint a new one (with a longer --ttl if needed)",
-                ));
-            }
-            TokenState::Spent => {
-                return Err(Refusal::new(
-                    ErrorCode::Exhausted,
-                    format!(
-                        "this token's {} activation(s) are all spent; mint a new one, or ask your \
-                         user for more activations",
-                        rec.uses
-                    ),
-                ));
+        let chain = lineage(&map, id)?;
+        for (depth, link) in chain.iter().enumerate() {
+            let rec = &map[link];
+            let whose = if depth == 0 {
+                "this token"
+            } else {
+                "the token this one was narrowed from"
+            };
+            match rec.state(now) {
+                TokenState::Live => {}
+                TokenState::Revoked => {
+                    return Err(Refusal::new(
+                        ErrorCode::Revoked,
+                        format!("{whose} was revoked; ask for a new one"),
+                    ));
+                }
+                TokenState::Expired => {
+                    return Err(Refusal::new(
+                        ErrorCode::Expired,
+                        format!(
+                            "{whose} has expired; mint a new one (with a longer --ttl if needed)"
+                        ),
+                    ));
+                }
+                TokenState::Spent => {
+                    return Err(Refusal::new(
+                        ErrorCode::Exhausted,
+                        format!(
+                            "{whose}'s {} activation(s) are all spent; mint a new one, or ask your \
+                             user for more activations",
+                            rec.uses
+                        ),
+                    ));
+                }
             }
         }
+        // Ancestors first, the token itself last: its durable job carries the whole batch.
+        for link in chain.iter().skip(1) {
+            if let Some(rec) = map.get_mut(link) {
+                rec.used += 1;
+                self.store.put(rec);
+            }
+        }
+        let rec = map.get_mut(&id).ok_or_else(unknown_token)?;
         rec.used += 1;
         let remaining = rec.uses - rec.used;
         Ok((self.store.put_durable(rec), remaining))
@@ -303,11 +317,47 @@ impl Broker {
     /// Gives back an activation whose durable commit failed (nothing was sent upstream).
     pub fn unreserve(&self, id: TokenId) {
         let mut map = self.tokens();
-        if let Some(rec) = map.get_mut(&id) {
-            rec.used = rec.used.saturating_sub(1);
-            self.store.put(rec);
+        let Ok(chain) = lineage(&map, id) else { return };
+        for link in chain {
+            if let Some(rec) = map.get_mut(&link) {
+                rec.used = rec.used.saturating_sub(1);
+                self.store.put(rec);
+            }
         }
     }
+}
+
+/// How deep tokens may be narrowed from one another.
+pub const MAX_LINEAGE: usize = 8;
+
+fn unknown_token() -> Refusal {
+    Refusal::new(
+        ErrorCode::UnknownToken,
+        "this token is not in the daemon's records (it may have been minted just before a crash, \
+         or by another daemon); mint a new one",
+    )
+}
+
+/// The token and the tokens it was narrowed from, nearest first.
+pub fn lineage(map: &HashMap<TokenId, TokenRecord>, id: TokenId) -> Result<Vec<TokenId>, Refusal> {
+    let mut chain = vec![id];
+    let mut rec = map.get(&id).ok_or_else(unknown_token)?;
+    while let Some(parent) = rec.parent {
+        if chain.len() > MAX_LINEAGE {
+            return Err(Refusal::internal(
+                "a token's lineage is deeper than the daemon allows",
+            ));
+        }
+        let pid = TokenId(parent);
+        rec = map.get(&pid).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::UnknownToken,
+                "the token this one was narrowed from is not in the daemon's records; mint a new one",
+            )
+        })?;
+        chain.push(pid);
+    }
+    Ok(chain)
 }
 
 impl TokenRecord {

@@ -49,6 +49,9 @@ pub struct RequestTokenArgs {
     pub ttl_seconds: Option<u64>,
     /// What the token is for, in a few words; kept with the token and shown to the user.
     pub purpose: Option<String>,
+    /// A token you hold, to narrow for a sub-agent: the new token gets a subset of its rules, no
+    /// longer a lifetime, and its activations count against the parent's too.
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -183,6 +186,7 @@ impl TillMcp {
             ttl_secs: a.ttl_seconds,
             note: a.purpose,
             bind_to_peer: false,
+            from: a.parent,
         };
         Ok(self.run(&peer, till_protocol::Request::Mint(req)).await)
     }

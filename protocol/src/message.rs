@@ -116,6 +116,11 @@ pub struct MintRequest {
     /// Bind the token to the minting peer's uid: no other uid can spend it.
     #[serde(default)]
     pub bind_to_peer: bool,
+    /// Narrow this token (the whole token string) instead of minting from the service's ceiling:
+    /// the child's rules must be within the parent's, its lifetime within the parent's, and every
+    /// activation it spends is also taken from the parent's budget.
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use till_protocol::scope::first_uncovered;
-use till_protocol::{Claims, ErrorCode, MintReply, MintRequest, Response, Rule};
+use till_protocol::{Claims, ErrorCode, MintReply, MintRequest, Response, Rule, TokenState};
 
 use crate::audit::{Event, EventKind, PeerJson};
 use crate::broker::{Broker, Refusal, new_token_id, now_secs};
@@ -104,8 +104,104 @@ pub fn mint_event(peer: &Peer, claims: &Claims) -> Event {
     }
 }
 
+/// A child of `parent` (a whole token): within its rules, lifetime and remaining budget.
+fn narrowed(
+    b: &Broker,
+    peer: &Peer,
+    req: &MintRequest,
+    parent: &str,
+    rules: Vec<Rule>,
+) -> Result<Claims, Refusal> {
+    let p = b
+        .keyring
+        .verify(parent)
+        .map_err(|e| Refusal::new(ErrorCode::BadToken, format!("the parent token: {e}")))?;
+    if p.service != req.service {
+        return Err(Refusal::new(
+            ErrorCode::WrongService,
+            format!(
+                "the parent token is for service {}, not {}; a narrowed token keeps its parent's service",
+                p.service, req.service
+            ),
+        ));
+    }
+    let now = now_secs();
+    let (left, parent_exp) = {
+        let map = b.tokens();
+        let lineage = crate::broker::lineage(&map, p.id)?;
+        if lineage.len() >= crate::broker::MAX_LINEAGE {
+            return Err(Refusal::bad_request(
+                "tokens may be narrowed at most 8 levels deep",
+            ));
+        }
+        let mut left = u32::MAX;
+        for link in &lineage {
+            let rec = &map[link];
+            if rec.state(now) != TokenState::Live {
+                return Err(Refusal::new(
+                    ErrorCode::Revoked,
+                    format!(
+                        "the parent token (or one it was narrowed from) is {}; ask for a new one",
+                        rec.state(now).as_str()
+                    ),
+                ));
+            }
+            left = left.min(rec.uses - rec.used);
+        }
+        (left, p.expires_at)
+    };
+    let rules = if rules.is_empty() {
+        p.rules.clone()
+    } else {
+        rules
+    };
+    if let Some(rule) = first_uncovered(&p.rules, &rules) {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!(
+                "'{rule}' is outside the parent token's rules ({}); a narrowed token can only allow less",
+                p.rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let uses = req.uses.unwrap_or(1);
+    if uses == 0 || uses > left {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!("the parent token has {left} activation(s) left; ask for at most that many"),
+        ));
+    }
+    let max_ttl = parent_exp.map_or(u64::MAX, |e| e.saturating_sub(now));
+    let ttl = req
+        .ttl_secs
+        .unwrap_or_else(|| b.config.default_ttl.as_secs().min(max_ttl));
+    if ttl == 0 || ttl > max_ttl {
+        return Err(Refusal::new(
+            ErrorCode::OverCeiling,
+            format!("the parent token expires in {max_ttl}s; a narrowed token cannot outlive it"),
+        ));
+    }
+    b.require_minter(peer)?;
+    Ok(Claims {
+        id: new_token_id()?,
+        key_id: b.keyring.current_id(),
+        service: p.service.clone(),
+        rules,
+        uses,
+        issued_at: now,
+        expires_at: Some(now + ttl),
+        parent: Some(p.id),
+        // A binding is inherited: narrowing never widens who may spend.
+        holder_uid: p.holder_uid.or(req.bind_to_peer.then_some(peer.uid)),
+    })
+}
+
 pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Response, Refusal> {
-    let note = match req.note {
+    let note = match req.note.clone() {
         Some(n) if n.chars().count() > MAX_NOTE || n.chars().any(char::is_control) => {
             return Err(Refusal::bad_request(format!(
                 "a note is at most {MAX_NOTE} characters without control characters"
@@ -118,20 +214,25 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
         .iter()
         .map(|r| Rule::parse(r).map_err(|e| Refusal::bad_request(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    let rules = if rules.is_empty() {
-        b.service(&req.service)?.config.allow.clone()
-    } else {
-        rules
+    let claims = match &req.from {
+        Some(parent) => narrowed(b, peer, &req, parent, rules)?,
+        None => {
+            let rules = if rules.is_empty() {
+                b.service(&req.service)?.config.allow.clone()
+            } else {
+                rules
+            };
+            claims_for(
+                b,
+                peer,
+                &req.service,
+                rules,
+                req.uses,
+                req.ttl_secs.map(Duration::from_secs),
+                req.bind_to_peer,
+            )?
+        }
     };
-    let claims = claims_for(
-        b,
-        peer,
-        &req.service,
-        rules,
-        req.uses,
-        req.ttl_secs.map(Duration::from_secs),
-        req.bind_to_peer,
-    )?;
     let token = claims
         .sign(b.keyring.current())
         .map_err(|e| Refusal::bad_request(e.to_string()))?;

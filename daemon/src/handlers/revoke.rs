@@ -62,6 +62,22 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
     let mut infos = Vec::new();
     {
         let mut map = b.tokens();
+        // Revoking a token revokes every token narrowed from it, at any depth.
+        let mut ids = ids;
+        loop {
+            let more: Vec<TokenId> = map
+                .values()
+                .filter(|r| {
+                    r.parent.is_some_and(|p| ids.contains(&TokenId(p)))
+                        && !ids.contains(&TokenId(r.id))
+                })
+                .map(|r| TokenId(r.id))
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            ids.extend(more);
+        }
         for id in &ids {
             if let Some(rec) = map.get_mut(id) {
                 if rec.revoked_at.is_none() && rec.state(now) == till_protocol::TokenState::Live {

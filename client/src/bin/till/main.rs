@@ -55,6 +55,10 @@ enum Cmd {
         /// Bind the token to your uid: no other user can spend it.
         #[arg(long)]
         bind: bool,
+        /// Narrow this token (for a sub-agent): fewer rules, activations and lifetime, all taken
+        /// from its budget.
+        #[arg(long, value_name = "TOKEN")]
+        from: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -230,6 +234,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ttl,
             note,
             bind,
+            from,
             json,
         } => {
             let reply = connect(&cli.socket)
@@ -241,6 +246,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     ttl_secs: ttl.map(|d| d.as_secs().max(1)),
                     note,
                     bind_to_peer: bind,
+                    from,
                 })
                 .await?;
             if json {
