@@ -26,9 +26,9 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use till_protocol::{
     AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest,
-    MAX_FRAME_BYTES, MintReply, MintRequest, PROTOCOL_VERSION, PubkeyReply, Request, Response,
-    RevokeReply, RevokeRequest, RevokeTarget, ServicesReply, StatusReply, TokenInfo, TokensReply,
-    TokensRequest,
+    MAX_FRAME_BYTES, MintReply, MintRequest, PROTOCOL_VERSION, PubkeyReply, ReloadReply, Request,
+    Response, RevokeReply, RevokeRequest, RevokeTarget, RotateRequest, ServicesReply, StatusReply,
+    TokenInfo, TokensReply, TokensRequest,
 };
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -184,6 +184,22 @@ impl Client {
 
     pub async fn pubkey(&mut self) -> Result<PubkeyReply, ClientError> {
         expect!(self.request(Request::Pubkey).await?, Response::Pubkey)
+    }
+
+    pub async fn reload(&mut self) -> Result<ReloadReply, ClientError> {
+        expect!(self.request(Request::Reload).await?, Response::Reloaded)
+    }
+
+    pub async fn rotate(
+        &mut self,
+        service: &str,
+        secret: String,
+    ) -> Result<ReloadReply, ClientError> {
+        let req = Request::Rotate(RotateRequest {
+            service: service.to_owned(),
+            secret,
+        });
+        expect!(self.request(req).await?, Response::Reloaded)
     }
 
     pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {

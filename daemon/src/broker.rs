@@ -60,9 +60,41 @@ pub struct Service {
     pub client: reqwest::Client,
 }
 
-pub struct Inner {
+/// What is being served right now: replaced whole by a reload. A request takes one snapshot (an
+/// `Arc`) and keeps it to the end, so a request in flight finishes with the key it started with.
+pub struct Served {
     pub config: Config,
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<String, Arc<Service>>,
+}
+
+impl Served {
+    /// Builds every service (clients, scrubbers) from a config whose secrets are loaded.
+    pub fn build(loaded: Loaded) -> anyhow::Result<Served> {
+        let Loaded {
+            config,
+            mut secrets,
+        } = loaded;
+        let mut services = BTreeMap::new();
+        for (name, svc) in &config.services {
+            let secret = secrets
+                .remove(name)
+                .ok_or_else(|| anyhow::anyhow!("service {name} has no loaded secret"))?;
+            services.insert(
+                name.clone(),
+                Arc::new(Service {
+                    scrubber: Scrubber::new(&secret, &svc.inject),
+                    client: proxy::client_for(svc)?,
+                    config: svc.clone(),
+                    secret,
+                }),
+            );
+        }
+        Ok(Served { config, services })
+    }
+}
+
+pub struct Inner {
+    served: std::sync::RwLock<Arc<Served>>,
     pub keyring: Keyring,
     pub store: Store,
     pub audit: Audit,
@@ -96,29 +128,10 @@ impl Broker {
         audit: Audit,
         records: Vec<TokenRecord>,
     ) -> anyhow::Result<Broker> {
-        let Loaded {
-            config,
-            mut secrets,
-        } = loaded;
-        let mut services = BTreeMap::new();
-        for (name, svc) in &config.services {
-            let secret = secrets
-                .remove(name)
-                .ok_or_else(|| anyhow::anyhow!("service {name} has no loaded secret"))?;
-            services.insert(
-                name.clone(),
-                Service {
-                    scrubber: Scrubber::new(&secret, &svc.inject),
-                    client: proxy::client_for(svc)?,
-                    config: svc.clone(),
-                    secret,
-                },
-            );
-        }
+        let served = Served::build(loaded)?;
         let tokens = records.into_iter().map(|r| (TokenId(r.id), r)).collect();
         Ok(Broker(Arc::new(Inner {
-            config,
-            services,
+            served: std::sync::RwLock::new(Arc::new(served)),
             keyring,
             store,
             audit,
@@ -126,6 +139,19 @@ impl Broker {
             metrics: crate::metrics::Metrics::default(),
             tokens: Mutex::new(tokens),
         })))
+    }
+
+    /// The config and services being served now (a snapshot; cheap).
+    pub fn served(&self) -> Arc<Served> {
+        self.served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new config and services; requests already running keep their snapshot.
+    pub fn replace_served(&self, next: Served) {
+        *self.served.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
     }
 
     /// The token table. Poisoning is ignored: every critical section leaves the map consistent.
@@ -142,7 +168,7 @@ impl Broker {
     }
 
     pub fn is_admin(&self, peer: &Peer) -> bool {
-        self.config.admin_uids.contains(&peer.uid)
+        self.served().config.admin_uids.contains(&peer.uid)
     }
 
     /// Who may mint. A socket peer got past the socket file's permissions, which is the gate. A TCP
@@ -172,7 +198,7 @@ impl Broker {
     /// `[[peers]]`: with rules configured, a peer mints only for the services a rule of its uid or
     /// one of its groups lists. Admins are not limited.
     pub fn require_peer_may_mint_for(&self, peer: &Peer, service: &str) -> Result<(), Refusal> {
-        let rules = &self.config.peers;
+        let rules = &self.served().config.peers;
         if rules.is_empty() || self.is_admin(peer) {
             return Ok(());
         }
@@ -212,9 +238,10 @@ impl Broker {
         }
     }
 
-    pub fn service(&self, name: &str) -> Result<&Service, Refusal> {
-        self.services.get(name).ok_or_else(|| {
-            let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+    pub fn service(&self, name: &str) -> Result<Arc<Service>, Refusal> {
+        let served = self.served();
+        served.services.get(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = served.services.keys().map(String::as_str).collect();
             Refusal::new(
                 ErrorCode::UnknownService,
                 format!(

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{Broker, Refusal};
+use crate::broker::{Broker, Refusal, Service};
 use crate::handlers::call::{CallTarget, activate, upstream_refusal};
 use crate::peer::Peer;
 use crate::proxy::{self, Outgoing, StreamScrubber};
@@ -241,7 +241,11 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
             format!(
                 "no route for {path:?}: use /proxy/SERVICE/... or /v1/... (with base_url \
                  http://{}/v1), /healthz or /metrics",
-                b.config.gateway.map(|g| g.to_string()).unwrap_or_default()
+                b.served()
+                    .config
+                    .gateway
+                    .map(|g| g.to_string())
+                    .unwrap_or_default()
             ),
         );
         let mut resp = refusal_response(&r, None);
@@ -267,7 +271,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     }
     // The request body is read whole, within the limit, before an activation is taken: a body
     // over the limit is refused for free.
-    let max = b.config.max_body;
+    let max = b.served().config.max_body;
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => {
@@ -308,7 +312,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         body,
     };
     let started = Instant::now();
-    let upstream = proxy::send(svc, out).await;
+    let upstream = proxy::send(&svc, out).await;
     b.metrics.upstream(&act.claims.service, started.elapsed());
     let upstream = match upstream {
         Ok(u) => u,
@@ -329,7 +333,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         }
     }
     resp = resp.header(REMAINING_HEADER, act.remaining);
-    let body = stream_body(b.clone(), act.claims.service.clone(), upstream, max);
+    let body = stream_body(svc.clone(), upstream, max);
     resp.body(body).unwrap_or_else(|_| {
         refusal_response(
             &Refusal::internal("could not build the response"),
@@ -338,21 +342,11 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     })
 }
 
-/// The upstream body, passed on chunk by chunk through the scrubber, within the size limit.
-fn stream_body(b: Broker, service: String, upstream: reqwest::Response, max: usize) -> Body {
-    let stream = async_stream(b, service, upstream, max);
-    BodyExt::boxed_unsync(StreamBody::new(stream))
-}
-
-fn async_stream(
-    b: Broker,
-    service: String,
-    upstream: reqwest::Response,
-    max: usize,
-) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + 'static {
+/// The upstream body, passed on chunk by chunk through the scrubber, within the size limit. The
+/// stream holds its service snapshot, so a reload mid-stream changes nothing for it.
+fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Body {
     struct State {
-        b: Broker,
-        service: String,
+        svc: Arc<Service>,
         chunks: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
         held: Vec<u8>,
         seen: usize,
@@ -360,28 +354,25 @@ fn async_stream(
         done: bool,
     }
     let state = State {
-        b,
-        service,
+        svc,
         chunks: upstream.bytes_stream().boxed(),
         held: Vec::new(),
         seen: 0,
         max,
         done: false,
     };
-    futures_util::stream::unfold(state, |mut st| async move {
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
         if st.done {
             return None;
         }
         loop {
-            let Ok(svc) = st.b.service(&st.service) else {
-                return None;
-            };
-            let mut scrub = StreamScrubber::resume(&svc.scrubber, std::mem::take(&mut st.held));
-            match st.chunks.next().await {
+            let next = st.chunks.next().await;
+            let mut scrub = StreamScrubber::resume(&st.svc.scrubber, std::mem::take(&mut st.held));
+            match next {
                 Some(Ok(chunk)) => {
                     st.seen += chunk.len();
                     if st.seen > st.max {
-                        tracing::warn!(service = %st.service, max = st.max, "upstream body over the limit; cut off");
+                        tracing::warn!(service = %st.svc.config.name, max = st.max, "upstream body over the limit; cut off");
                         st.done = true;
                         return Some((
                             Err(std::io::Error::other("upstream body over the limit")),
@@ -412,7 +403,8 @@ fn async_stream(
                 }
             }
         }
-    })
+    });
+    BodyExt::boxed_unsync(StreamBody::new(stream))
 }
 
 /// Activations left on a token, for the header on a refusal (when the token is ours and known).

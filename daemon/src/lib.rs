@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod peer;
 pub mod presets;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod signing;
@@ -119,7 +120,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
                 reason: Some(format!(
                     "tilld {} serving {} service(s)",
                     env!("CARGO_PKG_VERSION"),
-                    broker.services.len()
+                    broker.served().services.len()
                 )),
                 ..Event::default()
             },
@@ -127,7 +128,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let tracker = TaskTracker::new();
-    tracing::info!(socket = %socket.display(), services = broker.services.len(), "tilld ready");
+    tracing::info!(socket = %socket.display(), services = broker.served().services.len(), "tilld ready");
     if let Some(g) = gateway_listener {
         tracing::info!(gateway = %g.local_addr()?, "gateway listening");
         tracker.spawn(gateway::serve(
@@ -137,13 +138,14 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
             tracker.clone(),
         ));
     }
-    let mcp_socket = broker.config.mcp_socket.clone();
+    let mcp_socket = broker.served().config.mcp_socket.clone();
     tracker.spawn(mcp::serve(
         mcp_listener,
         broker.clone(),
         shutdown.clone(),
         tracker.clone(),
     ));
+    reload::spawn(broker.clone(), shutdown.clone())?;
     notify("READY=1");
     // Pings only from readiness on: before it, systemd's start timeout is what applies.
     activation::watchdog(shutdown.clone());

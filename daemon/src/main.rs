@@ -94,15 +94,11 @@ fn start(args: Args) -> Result<()> {
         let shutdown = CancellationToken::new();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let s = shutdown.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
-                    _ = hup.recv() => tracing::warn!("SIGHUP: live reload is not built yet; restart tilld to apply a new config"),
-                }
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
             s.cancel();
         });

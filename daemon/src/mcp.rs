@@ -294,7 +294,7 @@ impl TillMcp {
             body: body.into(),
         };
         let started = std::time::Instant::now();
-        let result = proxy::forward(svc, out, b.config.max_body).await;
+        let result = proxy::forward(&svc, out, b.served().config.max_body).await;
         b.metrics.upstream(&act.claims.service, started.elapsed());
         let reply = result.map_err(|e| upstream_refusal(&act.claims.service, &e))?;
         let headers: BTreeMap<String, String> = reply.headers.into_iter().collect();

@@ -24,6 +24,10 @@ pub enum Request {
     Revoke(RevokeRequest),
     Pubkey,
     Audit(AuditRequest),
+    /// Re-read the config and every secret (admin). All or nothing.
+    Reload,
+    /// Replace a service's master credential (admin). The secret travels over the 0600 socket only.
+    Rotate(RotateRequest),
 }
 
 impl Request {
@@ -40,6 +44,8 @@ impl Request {
             Request::Revoke(_) => "revoke",
             Request::Pubkey => "pubkey",
             Request::Audit(_) => "audit",
+            Request::Reload => "reload",
+            Request::Rotate(_) => "rotate",
         }
     }
 }
@@ -57,7 +63,31 @@ pub enum Response {
     Revoked(RevokeReply),
     Pubkey(PubkeyReply),
     Audit(AuditReply),
+    Reloaded(ReloadReply),
     Error(ErrorReply),
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    pub service: String,
+    /// The new master credential. Never logged; the `Debug` of this type hides it.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for RotateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateRequest")
+            .field("service", &self.service)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// What changed, in a sentence.
+    pub summary: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

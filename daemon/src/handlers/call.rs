@@ -125,7 +125,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         body: req.body.into(),
     };
     let started = std::time::Instant::now();
-    let result = proxy::forward(svc, out, b.config.max_body).await;
+    let result = proxy::forward(&svc, out, b.served().config.max_body).await;
     b.metrics.upstream(&act.claims.service, started.elapsed());
     match result {
         Ok(reply) => Ok(Response::Called(CallReply {
@@ -144,10 +144,11 @@ fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath)
         Method::parse_request(t.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let path = RequestPath::parse(t.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
     proxy::check_headers(t.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    if t.body_len > b.config.max_body {
+    if t.body_len > b.served().config.max_body {
         return Err(Refusal::bad_request(format!(
             "the request body is {} bytes, over the limit of {}",
-            t.body_len, b.config.max_body
+            t.body_len,
+            b.served().config.max_body
         )));
     }
     Ok((method, path))

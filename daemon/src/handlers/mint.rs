@@ -42,7 +42,7 @@ pub fn claims_for(
             ),
         ));
     }
-    let uses = uses.unwrap_or(b.config.default_uses);
+    let uses = uses.unwrap_or(b.served().config.default_uses);
     if uses == 0 {
         return Err(Refusal::bad_request("a token needs at least 1 activation"));
     }
@@ -55,7 +55,7 @@ pub fn claims_for(
             ),
         ));
     }
-    let ttl = ttl.unwrap_or_else(|| b.config.default_ttl.min(svc.max_ttl));
+    let ttl = ttl.unwrap_or_else(|| b.served().config.default_ttl.min(svc.max_ttl));
     if ttl.is_zero() {
         return Err(Refusal::bad_request(
             "a token's lifetime must be longer than zero",
@@ -178,7 +178,7 @@ fn narrowed(
     let max_ttl = parent_exp.map_or(u64::MAX, |e| e.saturating_sub(now));
     let ttl = req
         .ttl_secs
-        .unwrap_or_else(|| b.config.default_ttl.as_secs().min(max_ttl));
+        .unwrap_or_else(|| b.served().config.default_ttl.as_secs().min(max_ttl));
     if ttl == 0 || ttl > max_ttl {
         return Err(Refusal::new(
             ErrorCode::OverCeiling,

@@ -5,6 +5,7 @@ pub mod call;
 pub mod inspect;
 pub mod mint;
 pub mod pubkey;
+pub mod reload;
 pub mod revoke;
 pub mod services;
 pub mod status;
@@ -30,6 +31,8 @@ pub async fn dispatch(b: &Broker, peer: &Peer, req: Request) -> Response {
         Request::Revoke(r) => revoke::handle(b, peer, r).await,
         Request::Pubkey => pubkey::handle(b, peer).await,
         Request::Audit(r) => audit::handle(b, peer, r).await,
+        Request::Reload => reload::handle(b, peer).await,
+        Request::Rotate(r) => reload::rotate(b, peer, r).await,
     };
     result.unwrap_or_else(Refusal::into_response)
 }

@@ -7,6 +7,7 @@ use crate::peer::Peer;
 
 pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
     let services = b
+        .served()
         .services
         .values()
         .map(|s| ServiceInfo {

@@ -10,10 +10,10 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
     Ok(Response::Status(StatusReply {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: b.started.elapsed().as_secs(),
-        socket: b.config.socket.display().to_string(),
-        gateway: b.config.gateway.map(|g| format!("http://{g}")),
+        socket: b.served().config.socket.display().to_string(),
+        gateway: b.served().config.gateway.map(|g| format!("http://{g}")),
         live_tokens: live,
-        services: b.services.len() as u64,
-        audit_log: Some(b.config.audit_log.display().to_string()),
+        services: b.served().services.len() as u64,
+        audit_log: Some(b.served().config.audit_log.display().to_string()),
     }))
 }

@@ -115,6 +115,10 @@ enum Cmd {
         #[command(subcommand)]
         verify: Option<AuditCmd>,
     },
+    /// Re-read the config and every secret now (admin); all or nothing.
+    Reload,
+    /// Replace a service's key with one read from stdin (admin); new requests use it at once.
+    Rotate { service: String },
     /// The daemon's signing public key(s).
     Pubkey,
     /// MCP on stdio, for agent hosts: relays to the daemon's MCP socket.
@@ -362,6 +366,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 output::audit(&reply.lines);
             }
+        }
+        Cmd::Reload => {
+            let r = connect(&cli.socket).await?.reload().await?;
+            println!("{}", r.summary);
+        }
+        Cmd::Rotate { service } => {
+            let mut secret = String::new();
+            std::io::stdin().read_to_string(&mut secret)?;
+            let r = connect(&cli.socket).await?.rotate(&service, secret).await?;
+            println!("{}", r.summary);
         }
         Cmd::Pubkey => {
             let reply = connect(&cli.socket).await?.pubkey().await?;

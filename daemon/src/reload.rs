@@ -1,0 +1,166 @@
+//! Live reload: the config and every secret file are re-read on SIGHUP, on `till reload`, and when
+//! a watched file changes. All or nothing: a config that does not parse, or whose secrets cannot all
+//! be read, is refused (logged and audited with the reason) and the old one keeps serving.
+//!
+//! What a reload changes: services (added, removed: their live tokens are refused as "no service
+//! named ..."; ceilings: they apply to tokens minted afterwards), keys (new requests use the new key;
+//! requests in flight finish with the one they started with), limits and policy. What it cannot
+//! change without a restart (sockets, state dir, trail, gateway address) is kept, with a warning.
+//!
+//! Watching: `notify` (inotify) on the *directories* of the config and of every secret file, since
+//! editors and secret managers replace files by rename; events for other files in them are ignored.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{Event, EventKind, PeerJson};
+use crate::broker::{Broker, Served};
+use crate::config::Config;
+use crate::peer::Peer;
+
+/// Events closer together than this are one change (an editor's write, rename and chmod).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Re-reads everything and swaps it in. Returns a summary, or why the new config was refused.
+pub fn reload(b: &Broker, peer: &Peer, why: &str) -> Result<String, String> {
+    let old = b.served();
+    let result = (|| -> anyhow::Result<(Served, Vec<String>)> {
+        let mut next = match &old.config.source {
+            Some(path) => Config::from_file(path)?,
+            None => Config::builtin(crate::sys::uid())?,
+        };
+        let mut kept = Vec::new();
+        let o = &old.config;
+        if next.socket != o.socket || next.mcp_socket != o.mcp_socket {
+            kept.push("socket paths");
+            next.socket = o.socket.clone();
+            next.mcp_socket = o.mcp_socket.clone();
+        }
+        if next.state_dir != o.state_dir || next.audit_log != o.audit_log {
+            kept.push("state_dir and audit_log");
+            next.state_dir = o.state_dir.clone();
+            next.audit_log = o.audit_log.clone();
+        }
+        if next.gateway != o.gateway
+            && !(o.gateway.is_some_and(|g| g.port() != 0)
+                && next.gateway.is_some_and(|g| g.port() == 0))
+        {
+            kept.push("the gateway address");
+        }
+        next.gateway = o.gateway;
+        next.source = o.source.clone();
+        let warnings = kept
+            .into_iter()
+            .map(|k| format!("{k} changed; that takes a restart, the old value is kept"))
+            .collect();
+        Ok((Served::build(next.load_secrets()?)?, warnings))
+    })();
+    let mut event = Event {
+        peer: Some(PeerJson::from(peer)),
+        ..Event::default()
+    };
+    match result {
+        Ok((next, warnings)) => {
+            let before: BTreeSet<&String> = old.services.keys().collect();
+            let after: BTreeSet<&String> = next.services.keys().collect();
+            let added: Vec<&str> = after.difference(&before).map(|s| s.as_str()).collect();
+            let removed: Vec<&str> = before.difference(&after).map(|s| s.as_str()).collect();
+            let mut summary = format!("reloaded ({why}): {} service(s)", next.services.len());
+            if !added.is_empty() {
+                summary.push_str(&format!(", added {}", added.join(", ")));
+            }
+            if !removed.is_empty() {
+                summary.push_str(&format!(", removed {}", removed.join(", ")));
+            }
+            for w in &warnings {
+                tracing::warn!("{w}");
+                summary.push_str(&format!("; {w}"));
+            }
+            b.replace_served(next);
+            event.reason = Some(summary.clone());
+            b.audit(EventKind::Reload, event).map_err(|r| r.message)?;
+            tracing::info!("{summary}");
+            Ok(summary)
+        }
+        Err(e) => {
+            // The cause chain names keys, lines and paths, never a secret's bytes.
+            let why_not = format!("{e:#}");
+            tracing::error!(reason = %why_not, "reload refused; the old config keeps serving");
+            event.reason = Some(format!("refused ({why}): {why_not}"));
+            let _ = b.audit(EventKind::Reload, event);
+            Err(format!(
+                "the new config was refused and the old one keeps serving: {why_not}"
+            ))
+        }
+    }
+}
+
+/// The files whose change means a reload: the config and every secret file it names.
+fn watched_files(b: &Broker) -> BTreeSet<PathBuf> {
+    let served = b.served();
+    let mut files = BTreeSet::new();
+    if let Some(p) = &served.config.source {
+        files.insert(p.clone());
+    }
+    for svc in served.config.services.values() {
+        if let Ok(Some(p)) = svc.secret.path() {
+            files.insert(p);
+        }
+    }
+    files
+}
+
+fn dirs(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
+    files
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_owned))
+        .collect()
+}
+
+/// Reloads on SIGHUP and when a watched file changes, until `shutdown`.
+pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            for p in ev.paths {
+                let _ = tx.send(p);
+            }
+        }
+    })?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        let daemon = Peer::daemon();
+        let mut files = watched_files(&b);
+        let mut watching = BTreeSet::new();
+        loop {
+            for d in dirs(&files).difference(&watching.clone()) {
+                match watcher.watch(d, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        watching.insert(d.clone());
+                    }
+                    Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
+                }
+            }
+            let why = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = hup.recv() => "SIGHUP".to_string(),
+                Some(path) = rx.recv() => {
+                    if !files.contains(&path) {
+                        continue;
+                    }
+                    // Let the rest of this change arrive (write, rename, chmod), then reload once.
+                    tokio::time::sleep(SETTLE).await;
+                    while rx.try_recv().is_ok() {}
+                    format!("{} changed", path.display())
+                }
+            };
+            let _ = reload(&b, &daemon, &why);
+            files = watched_files(&b);
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! Live reload and key rotation without a failed request.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use till_protocol::{CallRequest, ErrorCode, MintRequest};
+use till_tests::{ClientError, SECRET, TestDaemon, Upstream, http};
+
+const NEW_KEY: &str = "sk-live-ROTATED-99999999999999";
+
+fn replace_file(path: &std::path::Path, text: &str) {
+    // As editors and secret managers do: write aside, then rename over.
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replaced_secret_file_switches_keys_with_no_failed_request() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let token = d
+        .client()
+        .await
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /r".into()],
+            uses: Some(1000),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (stop, failed, g, token, h) = (
+            stop.clone(),
+            failed.clone(),
+            g.clone(),
+            token.clone(),
+            http(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let ok = h
+                    .get(format!("{g}/proxy/echo/r"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    up.wait_hits(64).await;
+    replace_file(&d.dir.join("echo.key"), &format!("{NEW_KEY}\n"));
+    // Wait until the upstream sees the new key, then for a little more traffic.
+    loop {
+        let n = up.hits();
+        up.wait_hits(n + 1).await;
+        if up.seen().iter().any(|s| {
+            s.headers
+                .get("authorization")
+                .is_some_and(|a| a.contains(NEW_KEY))
+        }) {
+            break;
+        }
+    }
+    let n = up.hits();
+    up.wait_hits(n + 64).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("client");
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed across the switch"
+    );
+    let keys: Vec<bool> = up
+        .seen()
+        .iter()
+        .map(|s| s.headers["authorization"].contains(NEW_KEY))
+        .collect();
+    let first_new = keys.iter().position(|k| *k).expect("the new key arrived");
+    assert!(keys[..first_new].iter().all(|k| !k));
+    // Requests already in flight at the switch (at most one per client) finish with the old key.
+    let late_old = keys[first_new..].iter().filter(|k| !**k).count();
+    assert!(
+        late_old <= 32,
+        "{late_old} old-key requests after the switch"
+    );
+    assert!(
+        keys[first_new + 32..].iter().all(|k| *k),
+        "after the in-flight ones, only the new key"
+    );
+    assert!(
+        up.seen()
+            .iter()
+            .all(|s| s.headers["authorization"].starts_with("Bearer sk-"))
+    );
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("\"event\":\"reload\"") && audit.contains("echo.key changed"),
+        "the switch is in the trail"
+    );
+    assert!(!audit.contains(NEW_KEY) && !audit.contains(SECRET));
+    assert!(!d.log_text().contains(NEW_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_is_refused_and_the_old_one_keeps_serving() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let mut c = d.client().await;
+    let other = c
+        .mint(MintRequest {
+            service: "other".into(),
+            allow: vec!["GET /o".into()],
+            uses: Some(3),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    let good = std::fs::read_to_string(&d.config).expect("config");
+
+    // Invalid: an unknown key. Refused with the reason; everything still works.
+    replace_file(&d.config, &format!("{good}\n[daemon2]\nx = 1\n"));
+    let out = d.till(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused") && err.contains("daemon2"), "{err}");
+    c.call(CallRequest {
+        token: Some(other.clone()),
+        method: "GET".into(),
+        path: "/o".into(),
+        ..CallRequest::default()
+    })
+    .await
+    .expect("still served with the old config");
+
+    // Valid: `other` removed, `echo`'s ceiling narrowed.
+    let start = good.find("[services.other]").expect("other");
+    let end = good[start..].find("[services.q]").expect("q") + start;
+    let next = format!("{}{}", &good[..start], &good[end..])
+        .replace("allow = [\"* /**\"]", "allow = [\"GET /only/**\"]");
+    replace_file(&d.config, &next);
+    let out = d.till(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed other"));
+    match c
+        .call(CallRequest {
+            token: Some(other),
+            method: "GET".into(),
+            path: "/o".into(),
+            ..CallRequest::default()
+        })
+        .await
+    {
+        Err(ClientError::Refused {
+            code: ErrorCode::UnknownService,
+            message,
+        }) => {
+            assert!(message.contains("no service named \"other\""), "{message}")
+        }
+        r => panic!("{r:?}"),
+    }
+    let refused = c
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["POST /x".into()],
+            ..MintRequest::default()
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Refused {
+                code: ErrorCode::OverCeiling,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(d.audit_text().contains("refused (till reload"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn till_rotate_reads_the_new_key_from_stdin() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let mut child = std::process::Command::new(till_tests::bin("till"))
+        .args([
+            "--socket",
+            d.socket.to_str().expect("utf8"),
+            "rotate",
+            "echo",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("till rotate");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), NEW_KEY.as_bytes())
+        .expect("key");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    let mode = std::fs::metadata(d.dir.join("echo.key"))
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let r = d
+        .client()
+        .await
+        .call(CallRequest {
+            service: Some("echo".into()),
+            method: "GET".into(),
+            path: "/after".into(),
+            ..CallRequest::default()
+        })
+        .await
+        .expect("call");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains(NEW_KEY),
+        "the new key is scrubbed too"
+    );
+    assert_eq!(
+        up.seen().last().expect("seen").headers["authorization"],
+        format!("Bearer {NEW_KEY}")
+    );
+}
