@@ -29,6 +29,7 @@ fn record(i: u32) -> TokenRecord {
         minted_by_uid: Some(1000),
         note: None,
         revoked_at: None,
+        last_used_at: None,
     }
 }
 

@@ -337,8 +337,32 @@ impl Broker {
         }
         let rec = map.get_mut(&id).ok_or_else(unknown_token)?;
         rec.used += 1;
+        rec.last_used_at = Some(now);
         let remaining = rec.uses - rec.used;
         Ok((self.store.put_durable(rec), remaining))
+    }
+
+    /// Removes tokens whose final state is older than the retention, from memory and the store.
+    /// A token is kept while anything narrowed from it is still kept. Returns how many went.
+    pub fn sweep(&self, retention: u64) -> usize {
+        let now = now_secs();
+        let mut map = self.tokens();
+        let parents: std::collections::HashSet<[u8; 16]> =
+            map.values().filter_map(|r| r.parent).collect();
+        let gone: Vec<[u8; 16]> = map
+            .values()
+            .filter(|r| !parents.contains(&r.id))
+            .filter(|r| {
+                r.final_at(now)
+                    .is_some_and(|t| t.saturating_add(retention) <= now)
+            })
+            .map(|r| r.id)
+            .collect();
+        for id in &gone {
+            map.remove(&TokenId(*id));
+        }
+        self.store.remove(&gone);
+        gone.len()
     }
 
     /// Gives back an activation whose durable commit failed (nothing was sent upstream).
@@ -403,6 +427,17 @@ impl TokenRecord {
             minted_by_uid: Some(minted_by.uid),
             note,
             revoked_at: None,
+            last_used_at: None,
+        }
+    }
+
+    /// When the token stopped being spendable, if it has.
+    pub fn final_at(&self, now: u64) -> Option<u64> {
+        match self.state(now) {
+            TokenState::Live => None,
+            TokenState::Revoked => self.revoked_at,
+            TokenState::Expired => self.expires_at,
+            TokenState::Spent => Some(self.last_used_at.unwrap_or(self.issued_at)),
         }
     }
 

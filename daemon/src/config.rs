@@ -20,6 +20,7 @@ use crate::secret::{Secret, SecretSource};
 
 const DEFAULT_MAX_USES: u32 = 100;
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,6 +79,8 @@ struct DaemonSection {
     gateway_allow_non_loopback: bool,
     admin_uids: Option<Vec<u32>>,
     max_body: Option<usize>,
+    /// How long a spent, expired or revoked token's final state is kept for `till tokens --all`.
+    retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +170,8 @@ pub struct Config {
     pub default_uses: u32,
     pub default_ttl: Duration,
     pub max_body: usize,
+    /// How long a dead token's final state is kept before it is swept.
+    pub retention: Duration,
     pub services: BTreeMap<String, ServiceConfig>,
     /// `[[peers]]`; empty means no per-peer limits.
     pub peers: Vec<PeerRule>,
@@ -345,6 +350,7 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         default_uses,
         default_ttl,
         max_body,
+        retention: duration("daemon.retention", &d.retention, DEFAULT_RETENTION)?,
         services,
         peers,
         source: None,

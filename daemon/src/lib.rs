@@ -91,6 +91,24 @@ pub struct Listeners {
     pub activated: bool,
 }
 
+/// Sweeps dead tokens past their retention, on a timer (a quarter of the retention, 1 s to 60 s).
+fn spawn_sweeper(b: Broker, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let retention = b.served().config.retention;
+            let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let n = b.sweep(retention.as_secs());
+            if n > 0 {
+                tracing::debug!(swept = n, "swept dead tokens past their retention");
+            }
+        }
+    });
+}
+
 /// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
 pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
     let Listeners {
@@ -146,6 +164,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         tracker.clone(),
     ));
     reload::spawn(broker.clone(), shutdown.clone())?;
+    spawn_sweeper(broker.clone(), shutdown.clone());
     notify("READY=1");
     // Pings only from readiness on: before it, systemd's start timeout is what applies.
     activation::watchdog(shutdown.clone());

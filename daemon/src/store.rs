@@ -40,11 +40,15 @@ pub struct TokenRecord {
     pub minted_by_uid: Option<u32>,
     pub note: Option<String>,
     pub revoked_at: Option<u64>,
+    /// When the last activation was taken (for how long a spent token's final state is kept).
+    #[serde(default)]
+    pub last_used_at: Option<u64>,
 }
 
 struct Job {
     key: [u8; 16],
-    value: Vec<u8>,
+    /// The record's new bytes; `None` removes it (a swept token).
+    value: Option<Vec<u8>>,
     ack: Option<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -139,15 +143,30 @@ impl Store {
     }
 
     fn push(&self, record: &TokenRecord, ack: Option<oneshot::Sender<Result<(), String>>>) {
-        let value = serde_json::to_vec(record).unwrap_or_default();
+        self.push_job(
+            record.id,
+            Some(serde_json::to_vec(record).unwrap_or_default()),
+            ack,
+        );
+    }
+
+    /// Queues the removal of swept records (written with the next batch, like a mint).
+    pub fn remove(&self, ids: &[[u8; 16]]) {
+        for id in ids {
+            self.push_job(*id, None, None);
+        }
+    }
+
+    fn push_job(
+        &self,
+        key: [u8; 16],
+        value: Option<Vec<u8>>,
+        ack: Option<oneshot::Sender<Result<(), String>>>,
+    ) {
         let durable = ack.is_some();
         let mut q = self.shared.lock();
         let was_empty = q.jobs.is_empty();
-        q.jobs.push(Job {
-            key: record.id,
-            value,
-            ack,
-        });
+        q.jobs.push(Job { key, value, ack });
         drop(q);
         // A durable job wakes the committer now; the first lazy job starts its idle tick.
         if durable || was_empty {
@@ -216,7 +235,14 @@ fn write_batch(db: &Database, batch: &[Job], durable: bool) -> Result<()> {
     {
         let mut table = tx.open_table(TOKENS)?;
         for job in batch {
-            table.insert(job.key.as_slice(), job.value.as_slice())?;
+            match &job.value {
+                Some(v) => {
+                    table.insert(job.key.as_slice(), v.as_slice())?;
+                }
+                None => {
+                    table.remove(job.key.as_slice())?;
+                }
+            }
         }
     }
     tx.commit()?;

@@ -241,3 +241,69 @@ async fn till_rotate_reads_the_new_key_from_stdin() {
         format!("Bearer {NEW_KEY}")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_tokens_are_swept_after_their_retention() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start_extra(&up, "retention = \"1s\"");
+    let tmp = d.keep_dir();
+    let mut c = d.client().await;
+    let spent = c
+        .call(CallRequest {
+            service: Some("echo".into()),
+            method: "GET".into(),
+            path: "/s".into(),
+            ..CallRequest::default()
+        })
+        .await
+        .expect("one-shot")
+        .token_id;
+    let live = c
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /l".into()],
+            uses: Some(2),
+            ttl_secs: Some(3600),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .info
+        .id;
+    // The sweeper runs every second; the spent token goes once its second of retention is over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let all: Vec<String> = c
+            .tokens(true)
+            .await
+            .expect("tokens")
+            .tokens
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert!(all.contains(&live), "a live token is never swept");
+        if !all.contains(&spent) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not swept within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Gone from the store too: a restart does not bring it back.
+    d.terminate();
+    let d2 = TestDaemon::start_in(&d.dir);
+    let all: Vec<String> = d2
+        .client()
+        .await
+        .tokens(true)
+        .await
+        .expect("tokens")
+        .tokens
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert!(all.contains(&live) && !all.contains(&spent), "{all:?}");
+    drop(tmp);
+}
