@@ -202,6 +202,13 @@ impl Client {
         expect!(self.request(req).await?, Response::Reloaded)
     }
 
+    pub async fn rotate_signing_key(&mut self) -> Result<PubkeyReply, ClientError> {
+        expect!(
+            self.request(Request::RotateSigningKey).await?,
+            Response::Pubkey
+        )
+    }
+
     pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {
         expect!(
             self.request(Request::Audit(AuditRequest { limit })).await?,

@@ -102,6 +102,16 @@ fn spawn_sweeper(b: Broker, shutdown: CancellationToken) {
                 _ = tokio::time::sleep(every) => {}
             }
             let n = b.sweep(retention.as_secs());
+            match b.keyring.prune(broker::now_secs()) {
+                Ok(0) => {}
+                Ok(k) => tracing::info!(
+                    retired = k,
+                    "retired signing keys whose tokens have all expired"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot prune retired signing keys")
+                }
+            }
             if n > 0 {
                 tracing::debug!(swept = n, "swept dead tokens past their retention");
             }

@@ -28,6 +28,8 @@ pub enum Request {
     Reload,
     /// Replace a service's master credential (admin). The secret travels over the 0600 socket only.
     Rotate(RotateRequest),
+    /// Make a new signing key current (admin); the old one verifies its tokens until they expire.
+    RotateSigningKey,
 }
 
 impl Request {
@@ -46,6 +48,7 @@ impl Request {
             Request::Audit(_) => "audit",
             Request::Reload => "reload",
             Request::Rotate(_) => "rotate",
+            Request::RotateSigningKey => "rotate_signing_key",
         }
     }
 }
@@ -275,6 +278,9 @@ pub struct PublicKeyInfo {
     /// The 32-byte ed25519 public key, base64url without padding.
     pub public_key: String,
     pub current: bool,
+    /// For a key rotated out: when it retires (Unix seconds), after the last token it signed expires.
+    #[serde(default)]
+    pub retire_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -328,6 +328,10 @@ pub enum TokenError {
     BadSignature,
     #[error("the token was signed by key {0}, which this daemon does not hold")]
     UnknownKey(KeyId),
+    #[error(
+        "the token was signed by key {0}, which has been retired (rotated out, and its tokens expired); mint a new one"
+    )]
+    Retired(KeyId),
     #[error("{0}")]
     TooLarge(String),
 }

@@ -307,3 +307,91 @@ async fn dead_tokens_are_swept_after_their_retention() {
     assert!(all.contains(&live) && !all.contains(&spent), "{all:?}");
     drop(tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_outlive_a_signing_key_rotation_until_they_expire() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "retention = \"1s\"");
+    let mut c = d.client().await;
+    let before = c
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /k".into()],
+            uses: Some(5),
+            ttl_secs: Some(2),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint");
+    let out = d.till(&["rotate-signing-key"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listed.contains("(current)")
+            && listed.contains(&format!("{} ", before.info.key_id))
+            && listed.contains("retires"),
+        "{listed}"
+    );
+
+    // Signed by the old key: still good. New tokens carry the new key.
+    c.call(CallRequest {
+        token: Some(before.token.clone()),
+        method: "GET".into(),
+        path: "/k".into(),
+        ..CallRequest::default()
+    })
+    .await
+    .expect("a token signed before the rotation still works");
+    let after = c
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /k".into()],
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint");
+    assert_ne!(after.info.key_id, before.info.key_id);
+
+    // Once the old key's last token has expired, the key is retired and the token refused as such.
+    let expires = before.info.expires_at.expect("expiry");
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        < expires
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    match c
+        .call(CallRequest {
+            token: Some(before.token),
+            method: "GET".into(),
+            path: "/k".into(),
+            ..CallRequest::default()
+        })
+        .await
+    {
+        Err(ClientError::Refused {
+            code: ErrorCode::BadToken,
+            message,
+        }) => assert!(message.contains("retired"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    // And `till pubkey` stops listing it once the sweeper has pruned it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.pubkey().await.expect("pubkey").keys.len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retired key was not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        c.pubkey().await.expect("pubkey").keys[0].key_id,
+        after.info.key_id
+    );
+}

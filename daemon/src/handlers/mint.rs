@@ -234,7 +234,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
         }
     };
     let token = claims
-        .sign(b.keyring.current())
+        .sign(&b.keyring.current())
         .map_err(|e| Refusal::bad_request(e.to_string()))?;
     let record = TokenRecord::from_claims(&claims, peer, note);
     let info = record.info(now_secs());

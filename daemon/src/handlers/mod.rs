@@ -33,6 +33,7 @@ pub async fn dispatch(b: &Broker, peer: &Peer, req: Request) -> Response {
         Request::Audit(r) => audit::handle(b, peer, r).await,
         Request::Reload => reload::handle(b, peer).await,
         Request::Rotate(r) => reload::rotate(b, peer, r).await,
+        Request::RotateSigningKey => pubkey::rotate(b, peer).await,
     };
     result.unwrap_or_else(Refusal::into_response)
 }

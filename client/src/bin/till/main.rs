@@ -119,6 +119,8 @@ enum Cmd {
     Reload,
     /// Replace a service's key with one read from stdin (admin); new requests use it at once.
     Rotate { service: String },
+    /// Make a new signing key current (admin); tokens signed by the old one work until they expire.
+    RotateSigningKey,
     /// The daemon's signing public key(s).
     Pubkey,
     /// MCP on stdio, for agent hosts: relays to the daemon's MCP socket.
@@ -377,15 +379,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let r = connect(&cli.socket).await?.rotate(&service, secret).await?;
             println!("{}", r.summary);
         }
-        Cmd::Pubkey => {
-            let reply = connect(&cli.socket).await?.pubkey().await?;
+        Cmd::Pubkey | Cmd::RotateSigningKey => {
+            let mut c = connect(&cli.socket).await?;
+            let reply = if matches!(cli.cmd, Cmd::RotateSigningKey) {
+                c.rotate_signing_key().await?
+            } else {
+                c.pubkey().await?
+            };
             for k in &reply.keys {
-                println!(
-                    "{} {}{}",
-                    k.key_id,
-                    k.public_key,
-                    if k.current { " (current)" } else { "" }
-                );
+                let state = match (k.current, k.retire_at) {
+                    (true, _) => " (current)".to_string(),
+                    (false, Some(t)) => format!(
+                        " (retires {})",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
+                        )
+                    ),
+                    (false, None) => String::new(),
+                };
+                println!("{} {}{state}", k.key_id, k.public_key);
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
