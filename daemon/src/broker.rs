@@ -56,6 +56,8 @@ impl Refusal {
 pub struct Service {
     pub config: ServiceConfig,
     pub secret: Secret,
+    /// When the key was set: its file's mtime, or when the daemon read it from the environment.
+    pub secret_since: std::time::SystemTime,
     pub scrubber: Scrubber,
     pub client: reqwest::Client,
 }
@@ -79,9 +81,18 @@ impl Served {
             let secret = secrets
                 .remove(name)
                 .ok_or_else(|| anyhow::anyhow!("service {name} has no loaded secret"))?;
+            let since = svc
+                .secret
+                .path()
+                .ok()
+                .flatten()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .and_then(|m| m.modified().ok())
+                .unwrap_or_else(std::time::SystemTime::now);
             services.insert(
                 name.clone(),
                 Arc::new(Service {
+                    secret_since: since,
                     scrubber: Scrubber::new(&secret, &svc.inject),
                     client: proxy::client_for(svc)?,
                     config: svc.clone(),
@@ -165,6 +176,28 @@ impl Broker {
             .values()
             .filter(|r| r.state(now) == TokenState::Live)
             .count() as u64
+    }
+
+    /// Keys older than their service's `max_age`, as sentences for logs and `status`.
+    pub fn stale_keys(&self) -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        self.served()
+            .services
+            .values()
+            .filter_map(|s| {
+                let max = s.config.max_age?;
+                let age = now.duration_since(s.secret_since).unwrap_or_default();
+                (age > max).then(|| {
+                    format!(
+                        "service {}'s key is {} old, over its max_age of {}; rotate it (`till rotate {}`)",
+                        s.config.name,
+                        humantime::format_duration(std::time::Duration::from_secs(age.as_secs())),
+                        humantime::format_duration(max),
+                        s.config.name
+                    )
+                })
+            })
+            .collect()
     }
 
     pub fn is_admin(&self, peer: &Peer) -> bool {

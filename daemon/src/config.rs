@@ -104,6 +104,9 @@ struct ServiceSection {
     insecure_http: bool,
     timeout: Option<String>,
     connect_timeout: Option<String>,
+    /// Warn (log, status, metric) when the key is older than this (file age; for an env key, the
+    /// time since the daemon read it).
+    max_age: Option<String>,
 }
 
 /// `{ header = "Authorization", value = "Bearer {secret}" }`, `{ query = "key" }` or
@@ -156,6 +159,7 @@ pub struct ServiceConfig {
     pub max_ttl: Duration,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    pub max_age: Option<Duration>,
     pub default_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
@@ -238,6 +242,7 @@ impl Config {
                         insecure_http: false,
                         timeout: None,
                         connect_timeout: None,
+                        max_age: None,
                     },
                 );
             }
@@ -460,6 +465,10 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
             &s.connect_timeout,
             DEFAULT_CONNECT_TIMEOUT,
         )?,
+        max_age: match &s.max_age {
+            Some(_) => Some(duration("max_age", &s.max_age, Duration::ZERO)?),
+            None => None,
+        },
         default_headers,
     })
 }

@@ -225,7 +225,8 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     match (req.method(), path.as_str()) {
         (&hyper::Method::GET, "/healthz") => return full(StatusCode::OK, "text/plain", "ok\n"),
         (&hyper::Method::GET, "/metrics") => {
-            let text = b.metrics.render(b.live_tokens());
+            let mut text = b.metrics.render(b.live_tokens());
+            text.push_str(&secret_ages(b));
             return full(StatusCode::OK, "text/plain; version=0.0.4", text);
         }
         _ => {}
@@ -405,6 +406,23 @@ fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Bo
         }
     });
     BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+/// `till_secret_age_seconds{service}`: how old each key is, for alerting on `max_age`.
+fn secret_ages(b: &Broker) -> String {
+    use std::fmt::Write as _;
+    let now = std::time::SystemTime::now();
+    let mut out = String::from(
+        "# HELP till_secret_age_seconds Age of each service's master credential.\n# TYPE till_secret_age_seconds gauge\n",
+    );
+    for (name, s) in &b.served().services {
+        let age = now
+            .duration_since(s.secret_since)
+            .unwrap_or_default()
+            .as_secs();
+        let _ = writeln!(out, "till_secret_age_seconds{{service=\"{name}\"}} {age}");
+    }
+    out
 }
 
 /// Activations left on a token, for the header on a refusal (when the token is ours and known).

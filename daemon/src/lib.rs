@@ -155,6 +155,9 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    for w in broker.stale_keys() {
+        tracing::warn!("{w}");
+    }
     let tracker = TaskTracker::new();
     tracing::info!(socket = %socket.display(), services = broker.served().services.len(), "tilld ready");
     if let Some(g) = gateway_listener {

@@ -81,6 +81,9 @@ pub fn reload(b: &Broker, peer: &Peer, why: &str) -> Result<String, String> {
                 summary.push_str(&format!("; {w}"));
             }
             b.replace_served(next);
+            for w in b.stale_keys() {
+                tracing::warn!("{w}");
+            }
             event.reason = Some(summary.clone());
             b.audit(EventKind::Reload, event).map_err(|r| r.message)?;
             tracing::info!("{summary}");

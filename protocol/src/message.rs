@@ -118,6 +118,9 @@ pub struct StatusReply {
     /// Where the audit trail is written (for `till audit verify`).
     #[serde(default)]
     pub audit_log: Option<String>,
+    /// Things an operator should act on (e.g. a key older than its `max_age`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

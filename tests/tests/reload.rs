@@ -395,3 +395,51 @@ async fn tokens_outlive_a_signing_key_rotation_until_they_expire() {
         after.info.key_id
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_older_than_its_max_age_is_flagged() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = till_tests::standard_config(tmp.path(), &up.url(), "gateway = \"127.0.0.1:0\"")
+        .replace("max_ttl = \"1h\"", "max_ttl = \"1h\"\nmax_age = \"30d\"");
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let key = std::fs::File::options()
+        .write(true)
+        .open(tmp.path().join("other.key"))
+        .expect("key");
+    key.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(90 * 86400))
+        .expect("mtime");
+    let d = TestDaemon::start_in(tmp.path());
+    let out = d.till(&["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("warning")
+            && status.contains("service other's key is")
+            && status.contains("max_age"),
+        "{status}"
+    );
+    assert!(
+        !status.contains("service echo's key"),
+        "echo has no max_age"
+    );
+    let g = d.gateway_url().await;
+    let metrics = http()
+        .get(format!("{g}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("till_secret_age_seconds{service=\"other\"}"))
+        .expect("gauge");
+    let age: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("number");
+    assert!(age >= 90 * 86400, "{line}");
+    assert!(d.log_text().contains("over its max_age"));
+}

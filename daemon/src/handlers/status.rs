@@ -15,5 +15,6 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
         live_tokens: live,
         services: b.served().services.len() as u64,
         audit_log: Some(b.served().config.audit_log.display().to_string()),
+        warnings: b.stale_keys(),
     }))
 }

@@ -18,6 +18,9 @@ pub fn status(s: &StatusReply) {
     println!("gateway      {}", s.gateway.as_deref().unwrap_or("off"));
     println!("services     {}", s.services);
     println!("live tokens  {}", s.live_tokens);
+    for w in &s.warnings {
+        println!("warning      {w}");
+    }
 }
 
 pub fn services(list: &[ServiceInfo]) {
