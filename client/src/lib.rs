@@ -210,9 +210,19 @@ impl Client {
     }
 
     pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {
-        expect!(
-            self.request(Request::Audit(AuditRequest { limit })).await?,
-            Response::Audit
-        )
+        let req = AuditRequest {
+            limit,
+            checkpoint: false,
+        };
+        expect!(self.request(Request::Audit(req)).await?, Response::Audit)
+    }
+
+    /// Has the daemon sign a checkpoint into its trail now (admin).
+    pub async fn audit_checkpoint(&mut self) -> Result<(), ClientError> {
+        let req = AuditRequest {
+            limit: Some(0),
+            checkpoint: true,
+        };
+        expect!(self.request(Request::Audit(req)).await?, Response::Audit).map(|_| ())
     }
 }

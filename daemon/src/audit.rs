@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::peer::Peer;
 
-use till_protocol::audit::{GENESIS, line_hash};
+use till_protocol::audit::{GENESIS, checkpoint_message, line_hash};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,6 +33,8 @@ pub enum EventKind {
     Start,
     Stop,
     Alert,
+    /// A signed checkpoint: the daemon's audit key over the chain so far.
+    Checkpoint,
 }
 
 /// One event before it is numbered and chained.
@@ -80,13 +82,59 @@ struct Line<'a> {
     status: Option<u16>,
     peer: &'a Option<PeerJson>,
     reason: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<String>,
     prev: &'a str,
 }
+
+/// A checkpoint is written after this many events (and by a timer, and at start and stop).
+pub const CHECKPOINT_EVERY: u64 = 100;
 
 struct Writer {
     file: File,
     seq: u64,
     prev: String,
+    signer: ed25519_dalek::SigningKey,
+    since_checkpoint: u64,
+}
+
+impl Writer {
+    fn append(&mut self, kind: EventKind, event: &Event) -> Result<(), String> {
+        let seq = self.seq + 1;
+        let sig = matches!(kind, EventKind::Checkpoint).then(|| {
+            use base64::Engine as _;
+            use ed25519_dalek::Signer as _;
+            let s = self.signer.sign(&checkpoint_message(seq, &self.prev));
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.to_bytes())
+        });
+        let (line, hash) = chain_line(seq, kind, event, &self.prev, sig);
+        self.file.write_all(line.as_bytes()).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+            "the audit trail could not be written".to_string()
+        })?;
+        self.seq = seq;
+        self.prev = hash;
+        self.since_checkpoint = if matches!(kind, EventKind::Checkpoint) {
+            0
+        } else {
+            self.since_checkpoint + 1
+        };
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<(), String> {
+        let reason = Some(format!(
+            "{} event(s) since the last checkpoint",
+            self.since_checkpoint
+        ));
+        self.append(
+            EventKind::Checkpoint,
+            &Event {
+                reason,
+                ..Event::default()
+            },
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -97,7 +145,7 @@ pub struct Audit {
 
 impl Audit {
     /// Opens the trail for appending, continuing the chain from its last line.
-    pub fn open(path: &Path) -> Result<Audit> {
+    pub fn open(path: &Path, signer: ed25519_dalek::SigningKey) -> Result<Audit> {
         if let Some(dir) = path.parent() {
             crate::create_private_dir(dir)?;
         }
@@ -110,7 +158,13 @@ impl Audit {
             .with_context(|| format!("cannot open the audit trail {}", path.display()))?;
         let (seq, prev) = last_link(&mut file)?;
         Ok(Audit {
-            writer: Arc::new(Mutex::new(Writer { file, seq, prev })),
+            writer: Arc::new(Mutex::new(Writer {
+                file,
+                seq,
+                prev,
+                signer,
+                since_checkpoint: 0,
+            })),
             path: path.to_owned(),
         })
     }
@@ -118,16 +172,38 @@ impl Audit {
     /// Appends an event; returns once its line is written. Lines never interleave: numbering,
     /// chaining and the write happen under one lock.
     pub fn record(&self, kind: EventKind, event: Event) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = w.seq + 1;
-        let (line, hash) = chain_line(seq, kind, &event, &w.prev);
-        w.file.write_all(line.as_bytes()).map_err(|e| {
-            tracing::error!(error = %e, "audit write failed");
-            "the audit trail could not be written".to_string()
-        })?;
-        w.seq = seq;
-        w.prev = hash;
+        w.append(kind, &event)?;
+        // Start and stop are always followed by a checkpoint, so a stopped daemon's trail ends
+        // signed; otherwise every CHECKPOINT_EVERY events.
+        if matches!(kind, EventKind::Start | EventKind::Stop)
+            || w.since_checkpoint >= CHECKPOINT_EVERY
+        {
+            w.checkpoint()?;
+        }
+        drop(w);
+        crate::metrics::audit_write(started.elapsed());
         Ok(())
+    }
+
+    /// Writes a checkpoint if anything was appended since the last one (the minute timer, and
+    /// `till audit verify` before it reads the live trail).
+    pub fn checkpoint(&self) -> Result<(), String> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if w.since_checkpoint > 0 {
+            w.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// The key that signs checkpoints, for verifiers.
+    pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .signer
+            .verifying_key()
     }
 
     /// The last `n` lines of the trail, oldest first.
@@ -170,7 +246,13 @@ fn last_link(file: &mut File) -> Result<(u64, String)> {
 }
 
 /// Serialises one event into its chained line. Returns the line (with newline) and its hash.
-fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, String) {
+fn chain_line(
+    seq: u64,
+    kind: EventKind,
+    e: &Event,
+    prev: &str,
+    sig: Option<String>,
+) -> (String, String) {
     let line = Line {
         seq,
         ts: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
@@ -182,6 +264,7 @@ fn chain_line(seq: u64, kind: EventKind, e: &Event, prev: &str) -> (String, Stri
         status: e.status,
         peer: &e.peer,
         reason: &e.reason,
+        sig,
         prev,
     };
     let body = serde_json::to_string(&line).unwrap_or_default();
@@ -208,7 +291,7 @@ mod tests {
                 token_id: Some(format!("t{seq}")),
                 ..Event::default()
             };
-            let (line, hash) = chain_line(seq, EventKind::Mint, &e, &prev);
+            let (line, hash) = chain_line(seq, EventKind::Mint, &e, &prev, None);
             out.push_str(&line);
             prev = hash;
         }

@@ -101,6 +101,9 @@ fn spawn_sweeper(b: Broker, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
+            if let Err(e) = b.audit.checkpoint() {
+                tracing::error!(error = %e, "cannot write the audit checkpoint");
+            }
             let n = b.sweep(retention.as_secs());
             match b.keyring.prune(broker::now_secs()) {
                 Ok(0) => {}
@@ -136,7 +139,8 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
     create_private_dir(&cfg.state_dir)?;
     let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
     let (store, records, store_thread) = store::Store::open(&cfg.state_dir)?;
-    let audit = Audit::open(&cfg.audit_log)?;
+    let audit_key = signing::load_or_create_key(&cfg.state_dir.join("audit.key"), "audit")?;
+    let audit = Audit::open(&cfg.audit_log, audit_key)?;
     let socket = cfg.socket.clone();
     let broker = Broker::new(loaded, keyring, store, audit.clone(), records)?;
     let me = PeerJson::from(&Peer::daemon());

@@ -12,6 +12,20 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// Audit write latency: the trail is written from every handler, which holds no `Metrics`.
+static AUDIT_WRITES: std::sync::Mutex<Histogram> = std::sync::Mutex::new(Histogram {
+    counts: [0; BUCKETS.len()],
+    count: 0,
+    sum: 0.0,
+});
+
+pub fn audit_write(took: Duration) {
+    AUDIT_WRITES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .observe(took);
+}
+
 #[derive(Default)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
@@ -46,16 +60,8 @@ impl Metrics {
     }
 
     pub fn upstream(&self, service: &str, took: Duration) {
-        let secs = took.as_secs_f64();
         let mut map = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
-        let h = map.entry(service.to_owned()).or_default();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        map.entry(service.to_owned()).or_default().observe(took);
     }
 
     /// The Prometheus text exposition (version 0.0.4).
@@ -131,6 +137,39 @@ impl Metrics {
                 h.count
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP till_audit_write_seconds Time to append one event to the trail."
+        );
+        let _ = writeln!(out, "# TYPE till_audit_write_seconds histogram");
+        let h = AUDIT_WRITES.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "till_audit_write_seconds_bucket{{le=\"{le}\"}} {}",
+                h.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "till_audit_write_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "till_audit_write_seconds_sum {}", h.sum);
+        let _ = writeln!(out, "till_audit_write_seconds_count {}", h.count);
         out
+    }
+}
+
+impl Histogram {
+    fn observe(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
     }
 }

@@ -72,43 +72,45 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
+/// Loads the ed25519 key in `path` (base64url seed, 0600), or creates it there on first start.
+pub fn load_or_create_key(path: &Path, what: &str) -> Result<SigningKey> {
+    let key = if path.exists() {
+        let text = read_private_file(path)?;
+        let raw = Zeroizing::new(
+            URL_SAFE_NO_PAD
+                .decode(text.trim_ascii())
+                .with_context(|| format!("{} is not a Till {what} key", path.display()))?,
+        );
+        let seed: &[u8; 32] = raw.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!("{} is not a Till {what} key (wrong length)", path.display())
+        })?;
+        SigningKey::from_bytes(seed)
+    } else {
+        let (key, encoded) = new_key()?;
+        // create_new: two daemons racing on one state dir must not overwrite each other's key.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        f.write_all(encoded.as_bytes())?;
+        f.sync_all()?;
+        tracing::info!(path = %path.display(), "created a new {what} key");
+        key
+    };
+    if key.verifying_key().is_weak() {
+        bail!(
+            "the {what} key is weak; remove {} to make a new one",
+            path.display()
+        );
+    }
+    Ok(key)
+}
+
 impl Keyring {
     pub fn load_or_create(state_dir: &Path) -> Result<Keyring> {
-        let path = state_dir.join("signing.key");
-        let key = if path.exists() {
-            let text = read_private_file(&path)?;
-            let raw = Zeroizing::new(
-                URL_SAFE_NO_PAD
-                    .decode(text.trim_ascii())
-                    .with_context(|| format!("{} is not a Till signing key", path.display()))?,
-            );
-            let seed: &[u8; 32] = raw.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!(
-                    "{} is not a Till signing key (wrong length)",
-                    path.display()
-                )
-            })?;
-            SigningKey::from_bytes(seed)
-        } else {
-            let (key, encoded) = new_key()?;
-            // create_new: two daemons racing on one state dir must not overwrite each other's key.
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            f.write_all(encoded.as_bytes())?;
-            f.sync_all()?;
-            tracing::info!(path = %path.display(), "created a new signing key");
-            key
-        };
-        if key.verifying_key().is_weak() {
-            bail!(
-                "the signing key is weak; remove {} to make a new one",
-                path.display()
-            );
-        }
+        let key = load_or_create_key(&state_dir.join("signing.key"), "signing")?;
         let mut previous = Vec::new();
         let prev_path = state_dir.join(PREVIOUS_KEYS);
         if prev_path.exists() {

@@ -60,3 +60,87 @@ pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
     }
     Ok(count)
 }
+
+/// Prefix of what a checkpoint's signature covers, so it can never pass for a token's.
+const CHECKPOINT_DOMAIN: &[u8] = b"till-audit-checkpoint-v1\0";
+
+/// What a checkpoint line signs: its own `seq` and `prev`, which is the hash of the whole chain
+/// before it.
+pub fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
+    let mut m = CHECKPOINT_DOMAIN.to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(prev.as_bytes());
+    m
+}
+
+/// What a trail that verified holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub events: u64,
+    pub checkpoints: u64,
+}
+
+/// Checks the chain (see [`verify_chain`]) and every checkpoint's signature against `keys` (the
+/// daemon's audit key), and that the trail ends with a checkpoint: a trail cut short after its last
+/// checkpoint would otherwise verify. Errors name the first bad line (1-based).
+pub fn verify_trail(
+    text: &str,
+    keys: &[ed25519_dalek::VerifyingKey],
+) -> Result<Report, (usize, String)> {
+    use base64::Engine as _;
+    let events = verify_chain(text)?;
+    let mut checkpoints = 0;
+    let mut last_is_checkpoint = false;
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| (i + 1, e.to_string()))?;
+        last_is_checkpoint = v["event"] == "checkpoint";
+        if !last_is_checkpoint {
+            continue;
+        }
+        let sig = v["sig"]
+            .as_str()
+            .and_then(|s| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(s)
+                    .ok()
+            })
+            .and_then(|b| ed25519_dalek::Signature::try_from(b.as_slice()).ok())
+            .ok_or((
+                i + 1,
+                "a checkpoint without a readable signature".to_string(),
+            ))?;
+        let msg = checkpoint_message(
+            v["seq"].as_u64().unwrap_or(0),
+            v["prev"].as_str().unwrap_or(""),
+        );
+        if !keys.iter().any(|k| k.verify_strict(&msg, &sig).is_ok()) {
+            return Err((
+                i + 1,
+                "the checkpoint's signature does not verify with the daemon's audit key: forged, or \
+                 the chain before it was rewritten"
+                    .into(),
+            ));
+        }
+        checkpoints += 1;
+    }
+    let lines = text.lines().count();
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err((
+            lines,
+            "the last line is incomplete: the trail was truncated".into(),
+        ));
+    }
+    if !last_is_checkpoint {
+        return Err((
+            lines,
+            "the trail ends without a signed checkpoint, so its tail could have been cut off \
+             (tilld checkpoints at start, at stop, every 100 events and every minute)"
+                .into(),
+        ));
+    }
+    Ok(Report {
+        events,
+        checkpoints,
+    })
+}

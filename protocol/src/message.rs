@@ -273,6 +273,9 @@ pub struct RevokeReply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PubkeyReply {
     pub keys: Vec<PublicKeyInfo>,
+    /// The key that signs the audit trail's checkpoints (base64url), for `till audit verify`.
+    #[serde(default)]
+    pub audit_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,6 +294,9 @@ pub struct PublicKeyInfo {
 pub struct AuditRequest {
     /// The last N events (default 100).
     pub limit: Option<usize>,
+    /// Write a signed checkpoint first (so the live trail ends with one, for `till audit verify`).
+    #[serde(default)]
+    pub checkpoint: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

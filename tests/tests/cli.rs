@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use base64::Engine as _;
 use till_tests::{SECRET, TestDaemon, Upstream, bin};
 
 fn text(b: &[u8]) -> String {
@@ -166,10 +167,14 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
     removed.remove(2);
     let mut swapped = lines.clone();
     swapped.swap(1, 2);
+    // Cut after the last checkpoint: the chain still holds, but the trail no longer ends signed.
+    let truncated = lines[..lines.len() - 2].to_vec();
+    let n = truncated.len();
     for (name, version, bad_line) in [
         ("edited", edited, 4),
         ("removed", removed, 3),
         ("swapped", swapped, 2),
+        ("truncated", truncated, n),
     ] {
         let path = d.dir.join(format!("{name}.jsonl"));
         std::fs::write(&path, version.join("\n") + "\n").expect("write");
@@ -178,6 +183,20 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         let err = text(&out.stderr);
         assert!(err.contains(&format!("line {bad_line}:")), "{name}: {err}");
     }
+    // Verified against another key, the checkpoints are exposed as not the daemon's.
+    let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+            .verifying_key()
+            .as_bytes(),
+    );
+    let out = d.till(&["audit", "verify", "--key", &other]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("signature does not verify"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(d.audit_text().contains("\"event\":\"checkpoint\""));
 }
 
 #[test]

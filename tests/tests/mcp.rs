@@ -212,13 +212,44 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
     );
 
     // A sub-agent's token, narrowed from one the agent holds, spends the parent's budget too.
-    let parent = structured(&call(s, "request_token", json!({"service": "echo", "allow": ["GET /v1/p/**"], "uses": 3})).await);
+    let parent = structured(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "echo", "allow": ["GET /v1/p/**"], "uses": 3}),
+        )
+        .await,
+    );
     let pt = parent["token"].as_str().expect("token").to_owned();
-    let child = structured(&call(s, "request_token", json!({"service": "echo", "allow": ["GET /v1/p/c"], "uses": 1, "parent": pt})).await);
-    structured(&call(s, "call_api", json!({"token": child["token"], "method": "GET", "path": "/v1/p/c"})).await);
+    let child = structured(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "echo", "allow": ["GET /v1/p/c"], "uses": 1, "parent": pt}),
+        )
+        .await,
+    );
+    structured(
+        &call(
+            s,
+            "call_api",
+            json!({"token": child["token"], "method": "GET", "path": "/v1/p/c"}),
+        )
+        .await,
+    );
     let status = structured(&call(s, "token_status", json!({"token": pt})).await);
-    assert_eq!(status["used"], 1, "the child's call counted against the parent");
-    let msg = refusal(&call(s, "request_token", json!({"service": "echo", "allow": ["GET /v1/other"], "parent": pt})).await);
+    assert_eq!(
+        status["used"], 1,
+        "the child's call counted against the parent"
+    );
+    let msg = refusal(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "echo", "allow": ["GET /v1/other"], "parent": pt}),
+        )
+        .await,
+    );
     assert!(msg.contains("outside the parent token's rules"), "{msg}");
 
     // A one-shot call: exactly one activation of a fresh token scoped to exactly this request.

@@ -9,6 +9,7 @@ use crate::peer::Peer;
 pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
     Ok(Response::Pubkey(PubkeyReply {
         keys: b.keyring.public_keys(),
+        audit_key: Some(audit_key(b)),
     }))
 }
 
@@ -42,5 +43,11 @@ pub async fn rotate(b: &Broker, peer: &Peer) -> Result<Response, Refusal> {
     )?;
     Ok(Response::Pubkey(PubkeyReply {
         keys: b.keyring.public_keys(),
+        audit_key: Some(audit_key(b)),
     }))
+}
+
+fn audit_key(b: &Broker) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b.audit.public_key().as_bytes())
 }

@@ -145,6 +145,9 @@ enum AuditCmd {
     Verify {
         /// The trail file (default: the daemon's, as `till status` would report it).
         file: Option<PathBuf>,
+        /// The audit key (base64url, from `till pubkey`); without it, asks the daemon.
+        #[arg(long = "key", env = "TILL_AUDIT_KEY")]
+        keys: Vec<String>,
     },
 }
 
@@ -330,26 +333,48 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Audit {
-            verify: Some(AuditCmd::Verify { file }),
+            verify: Some(AuditCmd::Verify { file, keys }),
             ..
         } => {
+            let mut keys = keys;
             let file = match file {
                 Some(f) => f,
-                None => PathBuf::from(
-                    connect(&cli.socket)
-                        .await?
-                        .status()
-                        .await?
-                        .audit_log
-                        .ok_or_else(|| {
-                            anyhow!("the daemon did not say where its trail is; give FILE")
-                        })?,
-                ),
+                None => {
+                    // The live trail: have the daemon sign a checkpoint first, so it ends with one.
+                    let mut c = connect(&cli.socket).await?;
+                    c.audit_checkpoint().await?;
+                    PathBuf::from(c.status().await?.audit_log.ok_or_else(|| {
+                        anyhow!("the daemon did not say where its trail is; give FILE")
+                    })?)
+                }
             };
+            if keys.is_empty() {
+                let k = connect(&cli.socket).await?.pubkey().await?.audit_key;
+                keys.extend(k);
+            }
+            let keys = keys
+                .iter()
+                .map(|k| {
+                    let raw = URL_SAFE_NO_PAD
+                        .decode(k.trim())
+                        .map_err(|_| anyhow!("--key {k:?} is not base64url"))?;
+                    let bytes: [u8; 32] = raw
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| anyhow!("--key {k:?} is not a 32-byte ed25519 key"))?;
+                    ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                        .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            match till_protocol::audit::verify_chain(&text) {
-                Ok(n) => println!("{}: {n} events, chain intact", file.display()),
+            match till_protocol::audit::verify_trail(&text, &keys) {
+                Ok(r) => println!(
+                    "{}: {} events, chain intact, {} signed checkpoint(s), ends signed",
+                    file.display(),
+                    r.events,
+                    r.checkpoints
+                ),
                 Err((line, why)) => {
                     return Err(Failed(format!("{}: line {line}: {why}", file.display())).into());
                 }
@@ -398,6 +423,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     (false, None) => String::new(),
                 };
                 println!("{} {}{state}", k.key_id, k.public_key);
+            }
+            if let Some(a) = &reply.audit_key {
+                println!("audit {a} (signs the trail's checkpoints)");
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
