@@ -30,6 +30,7 @@ fn record(i: u32) -> TokenRecord {
         note: None,
         revoked_at: None,
         last_used_at: None,
+        canary: false,
     }
 }
 

@@ -111,6 +111,8 @@ pub struct Inner {
     pub audit: Audit,
     pub started: Instant,
     pub metrics: crate::metrics::Metrics,
+    bursts: crate::alerts::Bursts,
+    mismatched: Mutex<std::collections::HashSet<TokenId>>,
     tokens: Mutex<HashMap<TokenId, TokenRecord>>,
 }
 
@@ -148,6 +150,8 @@ impl Broker {
             audit,
             started: Instant::now(),
             metrics: crate::metrics::Metrics::default(),
+            bursts: crate::alerts::Bursts::default(),
+            mismatched: Mutex::new(std::collections::HashSet::new()),
             tokens: Mutex::new(tokens),
         })))
     }
@@ -293,14 +297,78 @@ impl Broker {
     }
 
     /// Records a denial in the trail and returns the refusal to send back.
+    /// Every refusal is counted; each is logged, except that past `alerts.refusal_burst` in 10 s
+    /// from one peer they are summed up in one line per window after one `refusal_burst` alert.
     pub fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
         event.peer = Some(PeerJson::from(peer));
         event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
         self.metrics.refusal(refusal.code.as_str());
-        if let Err(e) = self.audit.record(EventKind::Deny, event) {
-            tracing::error!(error = %e, "could not audit a denial");
+        let limit = self.served().config.alerts.refusal_burst;
+        let (what, carried) = self.bursts.refusal(peer, limit);
+        if carried > 0 {
+            let summary = Event {
+                peer: Some(PeerJson::from(peer)),
+                reason: Some(format!(
+                    "{carried} more refusal(s) from this peer in the last window were counted, not logged one by one"
+                )),
+                ..Event::default()
+            };
+            if let Err(e) = self.audit.record(EventKind::Deny, summary) {
+                tracing::error!(error = %e, "could not audit a denial");
+            }
+        }
+        match what {
+            crate::alerts::Refusals::Suppress => {}
+            crate::alerts::Refusals::Log | crate::alerts::Refusals::LogAndAlert => {
+                if let Err(e) = self.audit.record(EventKind::Deny, event) {
+                    tracing::error!(error = %e, "could not audit a denial");
+                }
+            }
+        }
+        if matches!(what, crate::alerts::Refusals::LogAndAlert) {
+            crate::alerts::raise(
+                self,
+                "refusal_burst",
+                peer,
+                None,
+                format!(
+                    "{limit} refusals from this peer within 10 s; further ones in this window are only counted"
+                ),
+            );
         }
         refusal
+    }
+
+    /// True the first time a token is seen in the hands of another uid (one alert per token).
+    pub fn first_mismatch(&self, id: TokenId) -> bool {
+        let mut seen = self.mismatched.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        seen.insert(id)
+    }
+
+    /// Revokes every live token minted by `uid` (an alert rule). Durable in the background.
+    pub fn revoke_minted_by(&self, uid: u32, why: &str) -> usize {
+        let now = now_secs();
+        let mut map = self.tokens();
+        let mut n = 0;
+        for rec in map.values_mut() {
+            if rec.minted_by_uid == Some(uid) && rec.state(now) == TokenState::Live {
+                rec.revoked_at = Some(now);
+                let _ = self.store.put_durable(rec);
+                n += 1;
+            }
+        }
+        drop(map);
+        let event = Event {
+            reason: Some(format!(
+                "alert {why}: revoked the {n} live token(s) minted by uid {uid}"
+            )),
+            ..Event::default()
+        };
+        let _ = self.audit.record(EventKind::Revoke, event);
+        n
     }
 
     /// Inserts a new record and queues it for the store (durable with the next durable batch).
@@ -461,6 +529,7 @@ impl TokenRecord {
             note,
             revoked_at: None,
             last_used_at: None,
+            canary: false,
         }
     }
 

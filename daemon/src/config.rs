@@ -39,6 +39,33 @@ struct FileConfig {
     /// Which peers may mint for which services. None: every peer that can reach the socket.
     #[serde(default)]
     peers: Vec<PeerSection>,
+    #[serde(default)]
+    alerts: AlertsSection,
+}
+
+/// `[alerts]`: when to raise an `alert` event (always also a warning in the log).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsSection {
+    /// Refusals from one peer within 10 s that raise an alert; later ones in the window are
+    /// counted, not logged one by one. Default 20; 0 turns the limit off.
+    refusal_burst: Option<u32>,
+    /// Alerts that also revoke every token the offending uid minted: any of "refusal_burst",
+    /// "canary", "holder_mismatch", "credential_in_request".
+    #[serde(default)]
+    revoke_peer_on: Vec<String>,
+    /// A command run for each alert, with the alert's JSON on stdin.
+    command: Option<String>,
+    /// An http://127.0.0.1 URL each alert's JSON is POSTed to.
+    webhook: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    pub refusal_burst: u32,
+    pub revoke_peer_on: Vec<String>,
+    pub command: Option<String>,
+    pub webhook: Option<Url>,
 }
 
 /// `[[peers]]`: one of `uid`, `gid` or `group`, and the services it may mint for (`"*"`: all).
@@ -179,6 +206,7 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     /// `[[peers]]`; empty means no per-peer limits.
     pub peers: Vec<PeerRule>,
+    pub alerts: Alerts,
     /// The file this came from; `None` for the built-in defaults.
     pub source: Option<PathBuf>,
 }
@@ -345,6 +373,42 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
             services: p.services,
         });
     }
+    const ALERT_KINDS: [&str; 4] = [
+        "refusal_burst",
+        "canary",
+        "holder_mismatch",
+        "credential_in_request",
+    ];
+    for k in &file.alerts.revoke_peer_on {
+        if !ALERT_KINDS.contains(&k.as_str()) {
+            bail!(
+                "alerts.revoke_peer_on: {k:?} is not one of {}",
+                ALERT_KINDS.join(", ")
+            );
+        }
+    }
+    let webhook = match &file.alerts.webhook {
+        Some(w) => {
+            let u = Url::parse(w).map_err(|e| anyhow!("alerts.webhook = {w:?}: {e}"))?;
+            let loopback = match u.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if u.scheme() != "http" || !loopback {
+                bail!("alerts.webhook = {w:?}: alerts go to http:// on loopback only");
+            }
+            Some(u)
+        }
+        None => None,
+    };
+    let alerts = Alerts {
+        refusal_burst: file.alerts.refusal_burst.unwrap_or(20),
+        revoke_peer_on: file.alerts.revoke_peer_on,
+        command: file.alerts.command,
+        webhook,
+    };
     Ok(Config {
         socket,
         mcp_socket,
@@ -358,6 +422,7 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         retention: duration("daemon.retention", &d.retention, DEFAULT_RETENTION)?,
         services,
         peers,
+        alerts,
         source: None,
     })
 }

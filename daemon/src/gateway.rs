@@ -291,7 +291,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
             method: &method,
             path: &target,
             headers: &headers,
-            body_len: body.len(),
+            body: &body,
             allow_one_shot: false,
         },
     )

@@ -13,6 +13,7 @@
 //! [`run`] is what `main` calls after binding, and what tests could call with their own listener.
 
 pub mod activation;
+pub mod alerts;
 pub mod audit;
 pub mod broker;
 pub mod config;

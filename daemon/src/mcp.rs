@@ -187,6 +187,7 @@ impl TillMcp {
             note: a.purpose,
             bind_to_peer: false,
             from: a.parent,
+            canary: false,
         };
         Ok(self.run(&peer, till_protocol::Request::Mint(req)).await)
     }
@@ -281,7 +282,7 @@ impl TillMcp {
                 method: &a.method,
                 path: &path,
                 headers: &headers,
-                body_len: body.len(),
+                body: &body,
                 allow_one_shot: true,
             },
         )

@@ -38,6 +38,7 @@ pub struct Metrics {
     mints: AtomicU64,
     activations: AtomicU64,
     refusals: Mutex<BTreeMap<&'static str, u64>>,
+    alerts: Mutex<BTreeMap<&'static str, u64>>,
     upstream: Mutex<BTreeMap<String, Histogram>>,
 }
 
@@ -56,6 +57,15 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn refusal_alert(&self, kind: &'static str) {
+        *self
+            .alerts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
             .or_default() += 1;
     }
 
@@ -103,6 +113,11 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE till_live_tokens gauge");
         let _ = writeln!(out, "till_live_tokens {live_tokens}");
+        let _ = writeln!(out, "# HELP till_alerts_total Alerts raised, by kind.");
+        let _ = writeln!(out, "# TYPE till_alerts_total counter");
+        for (kind, n) in self.alerts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "till_alerts_total{{kind=\"{kind}\"}} {n}");
+        }
         let _ = writeln!(
             out,
             "# HELP till_upstream_seconds Upstream request latency, to the answer's headers."

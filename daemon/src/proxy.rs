@@ -125,6 +125,11 @@ impl Scrubber {
         0
     }
 
+    /// Whether `data` holds any form of the key.
+    pub fn contains(&self, data: &[u8]) -> bool {
+        self.needles.iter().any(|n| memmem::find(data, n).is_some())
+    }
+
     /// Replaces every occurrence of every form of the key.
     pub fn scrub(&self, data: &[u8]) -> Vec<u8> {
         let mut out = data.to_vec();

@@ -43,6 +43,9 @@ pub struct TokenRecord {
     /// When the last activation was taken (for how long a spent token's final state is kept).
     #[serde(default)]
     pub last_used_at: Option<u64>,
+    /// A tripwire: presenting it raises the `canary` alert.
+    #[serde(default)]
+    pub canary: bool,
 }
 
 struct Job {

@@ -157,6 +157,10 @@ pub struct MintRequest {
     /// activation it spends is also taken from the parent's budget.
     #[serde(default)]
     pub from: Option<String>,
+    /// A tripwire: no honest agent spends it; presenting it raises the `canary` alert (and, with
+    /// `alerts.revoke_peer_on = ["canary"]`, revokes every token the presenter's uid minted).
+    #[serde(default)]
+    pub canary: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -26,7 +26,7 @@ pub struct CallTarget<'a> {
     /// Path and optional query.
     pub path: &'a str,
     pub headers: &'a [(String, String)],
-    pub body_len: usize,
+    pub body: &'a [u8],
     /// Whether a missing token may be replaced by a one-shot token for exactly this request.
     /// The socket and MCP allow it (their peers are identified); the gateway does not.
     pub allow_one_shot: bool,
@@ -66,6 +66,9 @@ pub async fn activate(
     event.token_id = Some(claims.id.to_string());
     event.service = Some(claims.service.clone());
     if let Err(refusal) = check_claims(b, peer, &claims, method, &path) {
+        return Err(b.deny(peer, event, refusal));
+    }
+    if let Err(refusal) = watch_for_abuse(b, peer, &claims, &target) {
         return Err(b.deny(peer, event, refusal));
     }
     let fresh = one_shot.then(|| TokenRecord::from_claims(&claims, peer, Some("one-shot".into())));
@@ -113,7 +116,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         method: &req.method,
         path: &req.path,
         headers: &req.headers,
-        body_len: req.body.len(),
+        body: &req.body,
         allow_one_shot: true,
     };
     let act = activate(b, peer, target).await?;
@@ -144,14 +147,83 @@ fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath)
         Method::parse_request(t.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
     let path = RequestPath::parse(t.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
     proxy::check_headers(t.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    if t.body_len > b.served().config.max_body {
+    if t.body.len() > b.served().config.max_body {
         return Err(Refusal::bad_request(format!(
             "the request body is {} bytes, over the limit of {}",
-            t.body_len,
+            t.body.len(),
             b.served().config.max_body
         )));
     }
     Ok((method, path))
+}
+
+/// The alert rules that look at a request: a canary presented (refused as if revoked, so the
+/// tripwire does not show), a token spent by another uid than its minter, a master credential in
+/// what the caller sent (refused: it is never forwarded).
+fn watch_for_abuse(
+    b: &Broker,
+    peer: &Peer,
+    claims: &Claims,
+    target: &CallTarget<'_>,
+) -> Result<(), Refusal> {
+    let (canary, minter) = b
+        .tokens()
+        .get(&claims.id)
+        .map(|r| (r.canary, r.minted_by_uid))
+        .unwrap_or((false, None));
+    if canary {
+        crate::alerts::raise(
+            b,
+            "canary",
+            peer,
+            Some(claims.id),
+            "a canary token was presented".into(),
+        );
+        return Err(Refusal::new(
+            ErrorCode::Revoked,
+            "this token was revoked; ask for a new one",
+        ));
+    }
+    if let Some(m) = minter
+        && m != peer.uid
+        && peer.uid != crate::peer::UNKNOWN_UID
+        && b.first_mismatch(claims.id)
+    {
+        crate::alerts::raise(
+            b,
+            "holder_mismatch",
+            peer,
+            Some(claims.id),
+            format!(
+                "a token minted by uid {m} was presented by uid {}",
+                peer.uid
+            ),
+        );
+    }
+    let served = b.served();
+    let leaked = served.services.values().any(|s| {
+        s.scrubber.contains(target.body)
+            || target
+                .headers
+                .iter()
+                .any(|(_, v)| s.scrubber.contains(v.as_bytes()))
+            || s.scrubber.contains(target.path.as_bytes())
+    });
+    if leaked {
+        crate::alerts::raise(
+            b,
+            "credential_in_request",
+            peer,
+            Some(claims.id),
+            "a request carried a master credential Till holds".into(),
+        );
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "the request contains a master credential that Till holds; it was not sent, and an \
+             alert was raised. Use a Till token instead of the key",
+        ));
+    }
+    Ok(())
 }
 
 /// The claims to spend: from a verified token, or freshly minted for exactly this request.

@@ -236,7 +236,8 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
     let token = claims
         .sign(&b.keyring.current())
         .map_err(|e| Refusal::bad_request(e.to_string()))?;
-    let record = TokenRecord::from_claims(&claims, peer, note);
+    let mut record = TokenRecord::from_claims(&claims, peer, note);
+    record.canary = req.canary;
     let info = record.info(now_secs());
     b.insert(record);
     if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)) {

@@ -59,6 +59,9 @@ enum Cmd {
         /// from its budget.
         #[arg(long, value_name = "TOKEN")]
         from: Option<String>,
+        /// A tripwire token: no honest agent spends it; presenting it raises an alert.
+        #[arg(long)]
+        canary: bool,
         #[arg(long)]
         json: bool,
     },
@@ -244,6 +247,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             note,
             bind,
             from,
+            canary,
             json,
         } => {
             let reply = connect(&cli.socket)
@@ -256,6 +260,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     note,
                     bind_to_peer: bind,
                     from,
+                    canary,
                 })
                 .await?;
             if json {

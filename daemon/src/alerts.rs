@@ -1,0 +1,153 @@
+//! Alerts: something looks wrong; say so in the trail (`alert`), in the log (a warning), and, when
+//! configured, to a command or a loopback webhook; and, when the rule says so, revoke every token
+//! the offending uid minted.
+//!
+//! Kinds: `refusal_burst` (more refusals from one peer in 10 s than `alerts.refusal_burst`; later
+//! refusals in that window are counted, not logged one by one, so a flood cannot fill the disk),
+//! `canary` (a token minted as a tripwire was presented), `holder_mismatch` (a token spent by
+//! another uid than the one that minted it), `credential_in_request` (a request carried a master
+//! credential Till holds).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde_json::json;
+use till_protocol::TokenId;
+
+use crate::audit::{Event, EventKind, PeerJson};
+use crate::broker::{Broker, now_secs};
+use crate::peer::{Peer, UNKNOWN_UID};
+
+const WINDOW_SECS: u64 = 10;
+
+#[derive(Default)]
+struct Window {
+    start: u64,
+    count: u32,
+    suppressed: u64,
+}
+
+/// Per-peer refusal windows.
+#[derive(Default)]
+pub struct Bursts {
+    windows: Mutex<HashMap<(u32, Option<i32>), Window>>,
+}
+
+/// What to do with one refusal.
+pub enum Refusals {
+    /// Write its `deny` line.
+    Log,
+    /// Write its line, then raise the burst alert (the limit was just reached).
+    LogAndAlert,
+    /// Count it only.
+    Suppress,
+}
+
+impl Bursts {
+    /// Counts a refusal from `peer`; returns what to write, and how many refusals of the peer's
+    /// previous window went unlogged (to be summed up in one line).
+    pub fn refusal(&self, peer: &Peer, limit: u32) -> (Refusals, u64) {
+        if limit == 0 {
+            return (Refusals::Log, 0);
+        }
+        let now = now_secs();
+        let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, w| now < w.start + WINDOW_SECS);
+        }
+        let w = map.entry((peer.uid, peer.pid)).or_default();
+        let mut carried = 0;
+        if now >= w.start + WINDOW_SECS {
+            carried = w.suppressed;
+            *w = Window {
+                start: now,
+                count: 0,
+                suppressed: 0,
+            };
+        }
+        w.count += 1;
+        let what = if w.count < limit {
+            Refusals::Log
+        } else if w.count == limit {
+            Refusals::LogAndAlert
+        } else {
+            w.suppressed += 1;
+            Refusals::Suppress
+        };
+        (what, carried)
+    }
+}
+
+/// Raises an alert: the trail, the log, the command and webhook; then the revocation if the rule
+/// asks for it. Never fails the request that triggered it.
+pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>, what: String) {
+    tracing::warn!(alert = kind, uid = peer.uid, "{what}");
+    let event = Event {
+        token_id: token.map(|t| t.to_string()),
+        peer: Some(PeerJson::from(peer)),
+        reason: Some(format!("{kind}: {what}")),
+        ..Event::default()
+    };
+    if let Err(e) = b.audit.record(EventKind::Alert, event) {
+        tracing::error!(error = %e, "could not audit an alert");
+    }
+    b.metrics.refusal_alert(kind);
+    let cfg = b.served().config.alerts.clone();
+    let payload = json!({
+        "alert": kind,
+        "message": what,
+        "token_id": token.map(|t| t.to_string()),
+        "peer": PeerJson::from(peer),
+    })
+    .to_string();
+    if let Some(cmd) = cfg.command.clone() {
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let child = tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            match child {
+                Ok(mut c) => {
+                    if let Some(mut stdin) = c.stdin.take() {
+                        let _ = stdin.write_all(payload.as_bytes()).await;
+                    }
+                    let _ = c.wait().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "the alert command could not be started"),
+            }
+        });
+    }
+    if let Some(url) = cfg.webhook.clone() {
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build();
+            if let Ok(c) = client {
+                let sent = c
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(payload)
+                    .timeout(std::time::Duration::from_secs(5))
+                    .send()
+                    .await;
+                if sent.is_err() {
+                    tracing::warn!("the alert webhook could not be reached");
+                }
+            }
+        });
+    }
+    if cfg.revoke_peer_on.iter().any(|k| k == kind) && peer.uid != UNKNOWN_UID {
+        let n = b.revoke_minted_by(peer.uid, kind);
+        tracing::warn!(
+            alert = kind,
+            uid = peer.uid,
+            revoked = n,
+            "revoked every token this uid minted"
+        );
+    }
+}

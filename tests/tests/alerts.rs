@@ -1,0 +1,233 @@
+//! Alerts and a trail that cannot be flooded: refusal bursts, canaries, keys in requests.
+
+use till_protocol::{CallRequest, ErrorCode, MintRequest};
+use till_tests::{ClientError, SECRET, TestDaemon, Upstream, http, standard_config};
+
+fn daemon_with(up: &Upstream, alerts: &str) -> (tempfile::TempDir, TestDaemon) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut text = standard_config(tmp.path(), &up.url(), "gateway = \"127.0.0.1:0\"");
+    text.push_str(&format!(
+        "\n[alerts]\n{}\n",
+        alerts.replace("{dir}", &tmp.path().display().to_string())
+    ));
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let d = TestDaemon::start_in(tmp.path());
+    (tmp, d)
+}
+
+fn lines_with(trail: &str, needle: &str) -> usize {
+    trail.lines().filter(|l| l.contains(needle)).count()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_flood_raises_one_alert_and_does_not_grow_the_trail() {
+    let up = Upstream::start(None).await;
+    let (_tmp, d) = daemon_with(&up, "refusal_burst = 20");
+    let mut c = d.client().await;
+    for _ in 0..300 {
+        let r = c
+            .call(CallRequest {
+                token: Some("till_garbage".into()),
+                method: "GET".into(),
+                path: "/x".into(),
+                ..CallRequest::default()
+            })
+            .await;
+        assert_eq!(code(r), ErrorCode::BadToken);
+    }
+    let trail = d.audit_text();
+    assert_eq!(
+        lines_with(&trail, "\"event\":\"alert\""),
+        1,
+        "one alert for the burst"
+    );
+    assert!(trail.contains("refusal_burst"));
+    let denies = lines_with(&trail, "\"event\":\"deny\"");
+    assert!(
+        denies <= 21,
+        "{denies} deny lines for 300 refusals: the flood is counted, not written"
+    );
+    let g = d.gateway_url().await;
+    let metrics = http()
+        .get(format!("{g}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("till_refusals_total{reason=\"bad_token\"} 300"),
+        "every refusal is counted"
+    );
+    assert!(metrics.contains("till_alerts_total{kind=\"refusal_burst\"} 1"));
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_raises_an_alert_and_revokes_the_presenters_tokens() {
+    let up = Upstream::start(None).await;
+    let (tmp, d) = daemon_with(
+        &up,
+        "revoke_peer_on = [\"canary\"]\ncommand = \"cat > {dir}/alert.json\"",
+    );
+    let mut c = d.client().await;
+    let mint = |canary| MintRequest {
+        service: "echo".into(),
+        allow: vec!["GET /x".into()],
+        uses: Some(5),
+        canary,
+        ..MintRequest::default()
+    };
+    let honest = c.mint(mint(false)).await.expect("mint").token;
+    let canary = c.mint(mint(true)).await.expect("mint canary").token;
+    let call = |t: &str| CallRequest {
+        token: Some(t.to_owned()),
+        method: "GET".into(),
+        path: "/x".into(),
+        ..CallRequest::default()
+    };
+    c.call(call(&honest)).await.expect("the honest token works");
+    match c.call(call(&canary)).await {
+        Err(ClientError::Refused {
+            code: ErrorCode::Revoked,
+            message,
+        }) => {
+            assert!(
+                !message.contains("canary"),
+                "the tripwire does not give itself away: {message}"
+            )
+        }
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        code(c.call(call(&honest)).await),
+        ErrorCode::Revoked,
+        "the presenter's other tokens stop working"
+    );
+    let trail = d.audit_text();
+    assert!(
+        trail.contains("\"event\":\"alert\"")
+            && trail.contains("canary: a canary token was presented")
+    );
+    assert!(trail.contains("revoked the") && trail.contains("minted by uid"));
+    assert_eq!(up.hits(), 1);
+    // The alert command got the alert's JSON.
+    let path = tmp.path().join("alert.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let alert = loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && text.ends_with('}')
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the alert command never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&alert).expect("alert JSON");
+    assert_eq!(v["alert"], "canary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_in_a_request_is_refused_and_raises_an_alert() {
+    let up = Upstream::start(None).await;
+    let (_tmp, d) = daemon_with(&up, "");
+    let mut c = d.client().await;
+    let r = c
+        .call(CallRequest {
+            service: Some("echo".into()),
+            method: "POST".into(),
+            path: "/v1/x".into(),
+            body: format!("{{\"api_key\": \"{SECRET}\"}}").into_bytes(),
+            ..CallRequest::default()
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::BadRequest);
+    assert_eq!(up.hits(), 0, "never forwarded");
+    let trail = d.audit_text();
+    assert!(trail.contains("credential_in_request"));
+    assert!(!trail.contains(SECRET) && !d.log_text().contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_match_the_trail() {
+    let up = Upstream::start(None).await;
+    let (_tmp, d) = daemon_with(&up, "");
+    let mut c = d.client().await;
+    let t = c
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /m".into()],
+            uses: Some(3),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    for path in ["/m", "/m", "/nope", "/m", "/m"] {
+        let _ = c
+            .call(CallRequest {
+                token: Some(t.clone()),
+                method: "GET".into(),
+                path: path.into(),
+                ..CallRequest::default()
+            })
+            .await;
+    }
+    let g = d.gateway_url().await;
+    let text = http()
+        .get(format!("{g}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let python = std::env::var("TILL_TEST_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python").into());
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg(
+            "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+             out = {}\nfor fam in p(sys.stdin.read()):\n    for s in fam.samples:\n        out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value\nprint(json.dumps(out))",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("parse");
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused /metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let trail = d.audit_text();
+    let mints = lines_with(&trail, "\"event\":\"mint\"") as f64;
+    let activations = lines_with(&trail, "\"event\":\"activate\"") as f64;
+    let denies = lines_with(&trail, "\"event\":\"deny\"") as f64;
+    assert_eq!(m["till_mints_total{}"].as_f64(), Some(mints));
+    assert_eq!(m["till_activations_total{}"].as_f64(), Some(activations));
+    let refusals: f64 = m
+        .as_object()
+        .expect("map")
+        .iter()
+        .filter(|(k, _)| k.starts_with("till_refusals_total"))
+        .map(|(_, v)| v.as_f64().unwrap_or(0.0))
+        .sum();
+    assert_eq!(refusals, denies);
+    assert_eq!((mints, activations, denies), (1.0, 3.0, 2.0));
+}
