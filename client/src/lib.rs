@@ -210,10 +210,15 @@ impl Client {
     }
 
     pub async fn audit(&mut self, limit: Option<usize>) -> Result<AuditReply, ClientError> {
-        let req = AuditRequest {
+        self.audit_query(AuditRequest {
             limit,
-            checkpoint: false,
-        };
+            ..AuditRequest::default()
+        })
+        .await
+    }
+
+    /// The trail's events that match `req`'s filters (admin).
+    pub async fn audit_query(&mut self, req: AuditRequest) -> Result<AuditReply, ClientError> {
         expect!(self.request(Request::Audit(req)).await?, Response::Audit)
     }
 
@@ -222,6 +227,7 @@ impl Client {
         let req = AuditRequest {
             limit: Some(0),
             checkpoint: true,
+            ..AuditRequest::default()
         };
         expect!(self.request(Request::Audit(req)).await?, Response::Audit).map(|_| ())
     }

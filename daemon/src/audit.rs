@@ -207,11 +207,15 @@ impl Audit {
     }
 
     /// The last `n` lines of the trail, oldest first.
-    pub async fn tail(&self, n: usize) -> Result<Vec<String>, String> {
+    pub async fn tail(
+        &self,
+        n: usize,
+        keep: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Result<Vec<String>, String> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
             let start = lines.len().saturating_sub(n);
             Ok(lines[start..].iter().map(|l| (*l).to_owned()).collect())
         })

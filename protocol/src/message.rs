@@ -301,6 +301,20 @@ pub struct AuditRequest {
     /// Write a signed checkpoint first (so the live trail ends with one, for `till audit verify`).
     #[serde(default)]
     pub checkpoint: bool,
+    /// Only events about this token id.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Only events of this kind (mint, activate, deny, revoke, reload, start, stop, alert, checkpoint).
+    #[serde(default)]
+    pub event: Option<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Only events after this sequence number (for `--follow`).
+    #[serde(default)]
+    pub after_seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

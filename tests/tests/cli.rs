@@ -271,3 +271,71 @@ fn zero_config_serves_a_preset_for_each_provider_key_in_the_environment() {
     );
     assert!(!stdout.contains("sk-zero-config"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_filters_and_follow() {
+    use std::io::BufRead;
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let t1 = text(
+        &d.till(&["mint", "echo", "--allow", "GET /a", "--json"])
+            .stdout,
+    );
+    let id1 = serde_json::from_str::<serde_json::Value>(&t1).expect("json")["info"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    d.till(&["mint", "other", "--allow", "GET /b"]);
+    let out = d.till(&["audit", "--json", "--event", "mint"]);
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["event"] == "mint"));
+    let out = d.till(&["audit", "--json", "--token", &id1]);
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+    let out = d.till(&[
+        "audit",
+        "--json",
+        "--service",
+        "other",
+        "--since",
+        "2000-01-01T00:00:00Z",
+    ]);
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+
+    // --follow prints events written after it started.
+    let mut follow = Command::new(bin("till"))
+        .args([
+            "--socket",
+            d.socket.to_str().expect("utf8"),
+            "audit",
+            "--follow",
+            "--json",
+            "--event",
+            "activate",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("follow");
+    let out = d.till(&["call", "echo", "GET", "/followed"]);
+    assert!(out.status.success());
+    let stdout = follow.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .expect("a line")
+            .expect("read")
+    })
+    .await
+    .expect("reader");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(
+        (v["event"].as_str(), v["path"].as_str()),
+        (Some("activate"), Some("/followed"))
+    );
+}

@@ -115,6 +115,20 @@ enum Cmd {
         limit: usize,
         #[arg(long)]
         json: bool,
+        /// Keep printing new events as they are written (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// Only events about this token id.
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        /// Only events of this kind: mint, activate, deny, revoke, reload, start, stop, alert, checkpoint.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only events at or after this time (RFC 3339, e.g. 2026-11-27T18:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
         #[command(subcommand)]
         verify: Option<AuditCmd>,
     },
@@ -388,15 +402,43 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Audit {
             limit,
             json,
+            follow,
+            token,
+            service,
+            event,
+            since,
             verify: None,
         } => {
-            let reply = connect(&cli.socket).await?.audit(Some(limit)).await?;
-            if json {
-                for l in &reply.lines {
-                    println!("{l}");
+            let mut c = connect(&cli.socket).await?;
+            let mut req = till_protocol::AuditRequest {
+                limit: Some(limit),
+                token,
+                service,
+                event,
+                since,
+                ..Default::default()
+            };
+            loop {
+                let reply = c.audit_query(req.clone()).await?;
+                if let Some(last) = reply.lines.last() {
+                    req.after_seq = serde_json::from_str::<serde_json::Value>(last)
+                        .ok()
+                        .and_then(|v| v["seq"].as_u64());
                 }
-            } else {
-                output::audit(&reply.lines);
+                if json {
+                    for l in &reply.lines {
+                        println!("{l}");
+                    }
+                } else {
+                    output::audit(&reply.lines);
+                }
+                if !follow {
+                    break;
+                }
+                std::io::stdout().flush()?;
+                // Polling the daemon twice a second is plenty for a person watching.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                req.limit = Some(100_000);
             }
         }
         Cmd::Reload => {
