@@ -231,3 +231,68 @@ async fn metrics_parse_as_prometheus_text_and_match_the_trail() {
     assert_eq!(refusals, denies);
     assert_eq!((mints, activations, denies), (1.0, 3.0, 2.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_kill_9_under_load_the_trail_verifies_and_holds_every_activation() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let tmp = d.keep_dir();
+    let token = d
+        .client()
+        .await
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /load".into()],
+            uses: Some(1000),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (socket, token) = (d.socket.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut c) = till_tests::Client::connect(&socket).await else {
+                return;
+            };
+            while c
+                .call(CallRequest {
+                    token: Some(token.clone()),
+                    method: "GET".into(),
+                    path: "/load".into(),
+                    ..CallRequest::default()
+                })
+                .await
+                .is_ok()
+            {}
+        }));
+    }
+    up.wait_hits(200).await;
+    d.kill9();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let received = up
+        .seen()
+        .iter()
+        .filter(|s| s.path_and_query == "/load")
+        .count();
+    // The chain holds to the last line the daemon wrote before it died.
+    let trail = d.audit_text();
+    till_protocol::audit::verify_chain(&trail).expect("the chain verifies up to the last line");
+    let activations = lines_with(&trail, "\"event\":\"activate\"");
+    assert!(
+        activations >= received,
+        "{activations} activate events for {received} requests the upstream received"
+    );
+    // A restart continues the chain and signs it; the whole trail then verifies, checkpoints too.
+    let d2 = TestDaemon::start_in(&d.dir);
+    let out = d2.till(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(tmp);
+}
