@@ -91,6 +91,11 @@ struct Line<'a> {
 pub const CHECKPOINT_EVERY: u64 = 100;
 
 struct Writer {
+    path: PathBuf,
+    /// Bytes in the current file, and the size at which it is rotated (0: never).
+    size: u64,
+    max_bytes: u64,
+    keep: u32,
     file: File,
     seq: u64,
     prev: String,
@@ -112,6 +117,7 @@ impl Writer {
             tracing::error!(error = %e, "audit write failed");
             "the audit trail could not be written".to_string()
         })?;
+        self.size += line.len() as u64;
         self.seq = seq;
         self.prev = hash;
         self.since_checkpoint = if matches!(kind, EventKind::Checkpoint) {
@@ -120,6 +126,42 @@ impl Writer {
             self.since_checkpoint + 1
         };
         Ok(())
+    }
+
+    /// Closes the file with a checkpoint, shifts it to `.1` (`.1` to `.2`, ...; the oldest beyond
+    /// `keep` is deleted) and starts a new file with a checkpoint that continues the chain.
+    fn rotate(&mut self) -> Result<(), String> {
+        self.checkpoint()?;
+        let rotated = |n: u32| PathBuf::from(format!("{}.{n}", self.path.display()));
+        let _ = std::fs::remove_file(rotated(self.keep));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(rotated(n), rotated(n + 1));
+        }
+        let fail = |e: std::io::Error| {
+            tracing::error!(error = %e, "audit rotation failed");
+            "the audit trail could not be rotated".to_string()
+        };
+        std::fs::rename(&self.path, rotated(1)).map_err(fail)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(fail)?;
+        self.size = 0;
+        let reason = Some(format!(
+            "continues {}.1 (rotated at {} bytes)",
+            self.path.display(),
+            self.max_bytes
+        ));
+        self.append(
+            EventKind::Checkpoint,
+            &Event {
+                reason,
+                ..Event::default()
+            },
+        )
     }
 
     fn checkpoint(&mut self) -> Result<(), String> {
@@ -145,7 +187,13 @@ pub struct Audit {
 
 impl Audit {
     /// Opens the trail for appending, continuing the chain from its last line.
-    pub fn open(path: &Path, signer: ed25519_dalek::SigningKey) -> Result<Audit> {
+    /// `max_bytes`: rotate past this size (0: never); `keep`: rotated files kept.
+    pub fn open(
+        path: &Path,
+        signer: ed25519_dalek::SigningKey,
+        max_bytes: u64,
+        keep: u32,
+    ) -> Result<Audit> {
         if let Some(dir) = path.parent() {
             crate::create_private_dir(dir)?;
         }
@@ -159,6 +207,10 @@ impl Audit {
         let (seq, prev) = last_link(&mut file)?;
         Ok(Audit {
             writer: Arc::new(Mutex::new(Writer {
+                path: path.to_owned(),
+                size: file.metadata().map(|m| m.len()).unwrap_or(0),
+                max_bytes,
+                keep: keep.max(1),
                 file,
                 seq,
                 prev,
@@ -181,6 +233,9 @@ impl Audit {
             || w.since_checkpoint >= CHECKPOINT_EVERY
         {
             w.checkpoint()?;
+        }
+        if w.max_bytes > 0 && w.size >= w.max_bytes {
+            w.rotate()?;
         }
         drop(w);
         crate::metrics::audit_write(started.elapsed());

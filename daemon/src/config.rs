@@ -108,6 +108,10 @@ struct DaemonSection {
     max_body: Option<usize>,
     /// How long a spent, expired or revoked token's final state is kept for `till tokens --all`.
     retention: Option<String>,
+    /// Rotate the audit trail past this many bytes (0: never). Default 100 MiB.
+    audit_max_bytes: Option<u64>,
+    /// Rotated trail files kept (audit.jsonl.1 ... .N). Default 10.
+    audit_keep: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +207,8 @@ pub struct Config {
     pub max_body: usize,
     /// How long a dead token's final state is kept before it is swept.
     pub retention: Duration,
+    pub audit_max_bytes: u64,
+    pub audit_keep: u32,
     pub services: BTreeMap<String, ServiceConfig>,
     /// `[[peers]]`; empty means no per-peer limits.
     pub peers: Vec<PeerRule>,
@@ -420,6 +426,8 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         default_ttl,
         max_body,
         retention: duration("daemon.retention", &d.retention, DEFAULT_RETENTION)?,
+        audit_max_bytes: d.audit_max_bytes.unwrap_or(100 * 1024 * 1024),
+        audit_keep: d.audit_keep.unwrap_or(10),
         services,
         peers,
         alerts,

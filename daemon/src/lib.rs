@@ -141,7 +141,12 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
     let keyring = signing::Keyring::load_or_create(&cfg.state_dir)?;
     let (store, records, store_thread) = store::Store::open(&cfg.state_dir)?;
     let audit_key = signing::load_or_create_key(&cfg.state_dir.join("audit.key"), "audit")?;
-    let audit = Audit::open(&cfg.audit_log, audit_key)?;
+    let audit = Audit::open(
+        &cfg.audit_log,
+        audit_key,
+        cfg.audit_max_bytes,
+        cfg.audit_keep,
+    )?;
     let socket = cfg.socket.clone();
     let broker = Broker::new(loaded, keyring, store, audit.clone(), records)?;
     let me = PeerJson::from(&Peer::daemon());

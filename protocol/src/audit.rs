@@ -22,8 +22,19 @@ pub fn line_hash(body: &str) -> String {
 
 /// Checks a whole trail's chain; returns the number of lines, or the 1-based number of the first
 /// bad line and why.
+///
+/// A trail starts at [`GENESIS`], or, when it is a rotated file's successor, with a checkpoint
+/// that continues the previous file's chain ([`verify_trail`] checks that checkpoint's signature, so
+/// cutting lines off the head is still caught).
 pub fn verify_chain(text: &str) -> Result<u64, (usize, String)> {
     let mut prev = GENESIS.to_string();
+    if let Some(first) = text.lines().next()
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(first)
+        && v["event"] == "checkpoint"
+        && let Some(p) = v["prev"].as_str()
+    {
+        prev = p.to_owned();
+    }
     let mut expected_seq: Option<u64> = None;
     let mut count = 0;
     for (i, line) in text.lines().enumerate() {

@@ -296,3 +296,70 @@ async fn after_kill_9_under_load_the_trail_verifies_and_holds_every_activation()
     );
     drop(tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trail_rotates_by_size_without_breaking_the_chain() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = standard_config(
+        tmp.path(),
+        &up.url(),
+        "audit_max_bytes = 4000\naudit_keep = 3",
+    );
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let d = TestDaemon::start_in(tmp.path());
+    let mut c = d.client().await;
+    for _ in 0..40 {
+        c.mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["GET /r".into()],
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint");
+    }
+    let trail = d.audit.display().to_string();
+    let (r1, r2) = (format!("{trail}.1"), format!("{trail}.2"));
+    assert!(std::path::Path::new(&r2).exists(), "rotated at least twice");
+    assert!(
+        !std::path::Path::new(&format!("{trail}.4")).exists(),
+        "no more than audit_keep files"
+    );
+    // Each file, and the files together, verify; the live one starts with a signed checkpoint.
+    let out = d.till(&["audit", "verify", &r2, &r1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.till(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.till(&["audit", "verify", &r1, &trail]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A head cut off the live file is caught: its first line is no longer the signed checkpoint.
+    let live = std::fs::read_to_string(&trail).expect("trail");
+    let cut = tmp.path().join("cut.jsonl");
+    std::fs::write(
+        &cut,
+        live.lines()
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .expect("write");
+    let out = d.till(&["audit", "verify", cut.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 1:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

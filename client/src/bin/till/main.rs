@@ -160,8 +160,9 @@ enum AuditCmd {
     /// Check the trail's hash chain and name the first bad line (edited, removed, inserted or
     /// reordered). Exit 0 when it holds, 1 when it does not.
     Verify {
-        /// The trail file (default: the daemon's, as `till status` would report it).
-        file: Option<PathBuf>,
+        /// The trail file(s), oldest first, e.g. `audit.jsonl.1 audit.jsonl` across a rotation
+        /// (default: the daemon's live file, as `till status` reports it).
+        files: Vec<PathBuf>,
         /// The audit key (base64url, from `till pubkey`); without it, asks the daemon.
         #[arg(long = "key", env = "TILL_AUDIT_KEY")]
         keys: Vec<String>,
@@ -352,21 +353,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Audit {
-            verify: Some(AuditCmd::Verify { file, keys }),
+            verify: Some(AuditCmd::Verify { files, keys }),
             ..
         } => {
             let mut keys = keys;
-            let file = match file {
-                Some(f) => f,
-                None => {
-                    // The live trail: have the daemon sign a checkpoint first, so it ends with one.
-                    let mut c = connect(&cli.socket).await?;
-                    c.audit_checkpoint().await?;
-                    PathBuf::from(c.status().await?.audit_log.ok_or_else(|| {
-                        anyhow!("the daemon did not say where its trail is; give FILE")
-                    })?)
-                }
+            let files = if files.is_empty() {
+                // The live trail: have the daemon sign a checkpoint first, so it ends with one.
+                let mut c = connect(&cli.socket).await?;
+                c.audit_checkpoint().await?;
+                vec![PathBuf::from(c.status().await?.audit_log.ok_or_else(
+                    || anyhow!("the daemon did not say where its trail is; give FILE"),
+                )?)]
+            } else {
+                files
             };
+            let file = PathBuf::from(
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+            );
             if keys.is_empty() {
                 let k = connect(&cli.socket).await?.pubkey().await?.audit_key;
                 keys.extend(k);
@@ -385,8 +392,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut text = String::new();
+            for f in &files {
+                text.push_str(
+                    &std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                );
+            }
             match till_protocol::audit::verify_trail(&text, &keys) {
                 Ok(r) => println!(
                     "{}: {} events, chain intact, {} signed checkpoint(s), ends signed",
