@@ -234,7 +234,7 @@ impl Audit {
         {
             w.checkpoint()?;
         }
-        if w.max_bytes > 0 && w.size >= w.max_bytes {
+        if w.max_bytes > 0 && w.size >= w.max_bytes && w.path.is_file() {
             w.rotate()?;
         }
         drop(w);

@@ -167,6 +167,8 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
     removed.remove(2);
     let mut swapped = lines.clone();
     swapped.swap(1, 2);
+    let mut inserted = lines.clone();
+    inserted.insert(3, lines[2]);
     // Cut after the last checkpoint: the chain still holds, but the trail no longer ends signed.
     let truncated = lines[..lines.len() - 2].to_vec();
     let n = truncated.len();
@@ -174,6 +176,7 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         ("edited", edited, 4),
         ("removed", removed, 3),
         ("swapped", swapped, 2),
+        ("inserted", inserted, 4),
         ("truncated", truncated, n),
     ] {
         let path = d.dir.join(format!("{name}.jsonl"));
