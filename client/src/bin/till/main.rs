@@ -380,17 +380,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let keys = keys
                 .iter()
-                .map(|k| {
-                    let raw = URL_SAFE_NO_PAD
-                        .decode(k.trim())
-                        .map_err(|_| anyhow!("--key {k:?} is not base64url"))?;
-                    let bytes: [u8; 32] = raw
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| anyhow!("--key {k:?} is not a 32-byte ed25519 key"))?;
-                    ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-                        .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))
-                })
+                .map(|k| parse_key(k))
                 .collect::<Result<Vec<_>>>()?;
             let mut text = String::new();
             for f in &files {
@@ -496,6 +486,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A public key as `till pubkey` prints it (base64url, 32 bytes).
+fn parse_key(k: &str) -> Result<ed25519_dalek::VerifyingKey> {
+    let raw = URL_SAFE_NO_PAD
+        .decode(k.trim())
+        .map_err(|_| anyhow!("--key {k:?} is not base64url"))?;
+    let bytes: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow!("--key {k:?} is not a 32-byte ed25519 key"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))
+}
+
 async fn verify(socket: &Option<PathBuf>, token: &str, mut keys: Vec<String>) -> Result<ExitCode> {
     let t = Token::decode(token).map_err(|e| Failed(e.to_string()))?;
     if keys.is_empty() {
@@ -510,15 +513,7 @@ async fn verify(socket: &Option<PathBuf>, token: &str, mut keys: Vec<String>) ->
     }
     let mut verified = false;
     for k in &keys {
-        let raw = URL_SAFE_NO_PAD
-            .decode(k.trim())
-            .map_err(|_| anyhow!("--key {k:?} is not base64url"))?;
-        let bytes: [u8; 32] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| anyhow!("--key {k:?} is not a 32-byte ed25519 key"))?;
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-            .map_err(|_| anyhow!("--key {k:?} is not a valid ed25519 key"))?;
+        let key = parse_key(k)?;
         if t.verify(&key).is_ok() {
             verified = true;
             break;
