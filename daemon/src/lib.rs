@@ -17,6 +17,7 @@ pub mod alerts;
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod dev;
 pub mod gateway;
 pub mod handlers;
 pub mod mcp;

@@ -19,6 +19,10 @@ struct Args {
     /// Validate the config and every secret source, then exit 0 (valid) or 1.
     #[arg(long)]
     check: bool,
+    /// Try-it-now mode: a temporary state dir, the gateway on, and a built-in `echo` service with a
+    /// dummy key. Ignores any config.
+    #[arg(long, conflicts_with_all = ["config", "check"])]
+    dev: bool,
 }
 
 fn main() -> ExitCode {
@@ -42,7 +46,20 @@ fn main() -> ExitCode {
 fn start(args: Args) -> Result<()> {
     tilld::sys::harden().context("cannot make the process non-dumpable")?;
     let uid = tilld::sys::uid();
-    let config = Config::resolve(args.config.as_deref(), uid)?;
+    // --dev: the echo upstream needs a runtime before the config that names its address exists.
+    // --dev: the echo upstream's port must be known before the config that names it is written,
+    // so its listener is bound here and served once the runtime runs.
+    let mut dev = None;
+    let config = if args.dev {
+        let dir = tempfile::Builder::new().prefix("tilld-dev-").tempdir()?;
+        let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let path = tilld::dev::write_config(dir.path(), echo.local_addr()?)?;
+        let config = Config::from_file(&path)?;
+        dev = Some((dir, echo));
+        config
+    } else {
+        Config::resolve(args.config.as_deref(), uid)?
+    };
     if args.check {
         let n = config.services.len();
         let source = config
@@ -92,6 +109,17 @@ fn start(args: Args) -> Result<()> {
             (None, None) => None,
         };
         let shutdown = CancellationToken::new();
+        if let Some((dir, echo)) = &dev {
+            tilld::dev::serve_echo(echo.try_clone()?)?;
+            // Whoever started us may stop reading stdout: a closed pipe must not take the daemon down.
+            let banner = tilld::dev::banner(
+                dir.path(),
+                gateway.as_ref().and_then(|g| g.local_addr().ok()),
+            );
+            let mut out = std::io::stdout();
+            let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
+            let _ = std::io::Write::flush(&mut out);
+        }
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let s = shutdown.clone();

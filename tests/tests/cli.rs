@@ -342,3 +342,85 @@ async fn audit_filters_and_follow() {
         (Some("activate"), Some("/followed"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tilld_dev_is_a_complete_try_it_now() {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("tilld"))
+        .arg("--dev")
+        .env("TILL_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tilld --dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("line");
+            let done = line.contains("till audit");
+            text.push_str(&line);
+            text.push('\n');
+            if done {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .expect("banner");
+    let socket = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export TILL_SOCKET="))
+        .expect("the banner prints the export line")
+        .to_owned();
+    let dir = std::path::Path::new(&socket)
+        .parent()
+        .expect("dir")
+        .to_owned();
+    // The daemon prints the banner once its sockets are bound; its first connection is served.
+    let out = Command::new(bin("till"))
+        .args(["call", "echo", "POST", "/hello", "-d", "{\"hi\": \"till\"}"])
+        .env("TILL_SOCKET", &socket)
+        .output()
+        .expect("till call");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let body = text(&out.stdout);
+    assert!(
+        body.contains("[redacted by till]") && body.contains("\\\"hi\\\": \\\"till\\\""),
+        "{body}"
+    );
+    let key = std::fs::read_to_string(dir.join("echo.key")).expect("dummy key");
+    assert!(!body.contains(key.trim()));
+    let gateway = banner
+        .lines()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the gateway address")
+        .trim_end_matches('.')
+        .to_owned();
+    let token = text(
+        &Command::new(bin("till"))
+            .args(["mint", "echo", "--allow", "GET /**", "--uses", "2"])
+            .env("TILL_SOCKET", &socket)
+            .output()
+            .expect("mint")
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let r = till_tests::http()
+        .get(format!("http://{gateway}/proxy/echo/models"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("gateway");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["till-activations-remaining"], "1");
+    till_tests::signal(&child, libc::SIGTERM);
+    assert!(child.wait().expect("wait").success());
+    assert!(
+        !dir.exists(),
+        "the temporary state is removed when it stops"
+    );
+}
