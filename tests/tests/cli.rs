@@ -424,3 +424,23 @@ async fn tilld_dev_is_a_complete_try_it_now() {
         "the temporary state is removed when it stops"
     );
 }
+
+#[test]
+fn a_public_key_starting_with_a_dash_is_a_value_not_a_flag() {
+    // base64url keys start with '-' one time in 64; clap must not read them as flags.
+    let out = Command::new(bin("till"))
+        .args([
+            "verify",
+            "till_x",
+            "--key",
+            "-cAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ])
+        .output()
+        .expect("till verify");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("unexpected argument"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -150,7 +150,7 @@ enum Cmd {
     Verify {
         token: String,
         /// A public key (base64url, from `till pubkey`); repeatable. Without one, asks the daemon.
-        #[arg(long = "key", env = "TILL_PUBKEY")]
+        #[arg(long = "key", env = "TILL_PUBKEY", allow_hyphen_values = true)]
         keys: Vec<String>,
     },
 }
@@ -164,7 +164,7 @@ enum AuditCmd {
         /// (default: the daemon's live file, as `till status` reports it).
         files: Vec<PathBuf>,
         /// The audit key (base64url, from `till pubkey`); without it, asks the daemon.
-        #[arg(long = "key", env = "TILL_AUDIT_KEY")]
+        #[arg(long = "key", env = "TILL_AUDIT_KEY", allow_hyphen_values = true)]
         keys: Vec<String>,
     },
 }
