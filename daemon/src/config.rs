@@ -249,8 +249,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, uid: u32) -> Result<Config> {
-        // toml's error names the unknown or mistyped key with its line and column.
-        let file: FileConfig = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         build(file, uid)
     }
 
@@ -298,6 +297,34 @@ impl Config {
             config: self,
             secrets,
         })
+    }
+}
+
+/// toml's own rendering quotes the offending line, and serde's message can quote a mistyped
+/// value: either could be a key someone pasted where a `{ file = ... }` belongs, and this error goes
+/// to the log, the trail (a refused reload) and `till reload`'s reply. So: the line and column, and
+/// the message with every double-quoted value masked (field names are in backticks and stay).
+fn parse_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let mut masked = String::new();
+    let mut quoted = false;
+    for c in e.message().chars() {
+        if c == '"' {
+            if !quoted {
+                masked.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            masked.push(c);
+        }
+    }
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            anyhow!("line {line}, column {column}: {}", masked.trim())
+        }
+        None => anyhow!("{}", masked.trim()),
     }
 }
 
@@ -637,6 +664,17 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(err.contains("sokcet") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_pasted_key_never_comes_back_in_the_error() {
+        let text = "[services.x]\nbase_url = \"https://example.com\"\nsecret = \"sk-live-PASTED-0123456789\"\nallow = [\"GET /**\"]\n";
+        let err = format!(
+            "{:#}",
+            Config::parse(text, 1000).expect_err("a string is not a source")
+        );
+        assert!(!err.contains("PASTED"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]
