@@ -25,9 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Refusal};
 use crate::handlers;
-use crate::handlers::call::{CallTarget, activate, upstream_refusal};
 use crate::peer::Peer;
-use crate::proxy::{self, Outgoing};
 
 const INSTRUCTIONS: &str = "Till holds the real API keys; you never see them. To call an API: \
 list_services to see what you may use, request_token for the method and path you need (or call_api \
@@ -273,31 +271,23 @@ impl TillMcp {
                 serde_json::to_vec(&v).unwrap_or_default()
             }
         };
-        let act = activate(
-            b,
-            peer,
-            CallTarget {
-                token: a.token.as_deref(),
-                service: a.service.as_deref(),
-                method: &a.method,
-                path: &path,
-                headers: &headers,
-                body: &body,
-                allow_one_shot: true,
-            },
-        )
-        .await?;
-        let svc = b.service(&act.claims.service)?;
-        let out = Outgoing {
-            method: act.method,
-            path: &act.path,
-            headers: &headers,
-            body: body.into(),
+        // The same handler as the socket's `call`: this adapter only shapes arguments and result.
+        let req = till_protocol::CallRequest {
+            token: a.token,
+            service: a.service,
+            method: a.method,
+            path,
+            headers,
+            body,
         };
-        let started = std::time::Instant::now();
-        let result = proxy::forward(&svc, out, b.served().config.max_body).await;
-        b.metrics.upstream(&act.claims.service, started.elapsed());
-        let reply = result.map_err(|e| upstream_refusal(&act.claims.service, &e))?;
+        let reply = match handlers::call::handle(b, peer, req).await? {
+            Response::Called(r) => r,
+            _ => {
+                return Err(Refusal::internal(
+                    "the call handler gave an unexpected reply",
+                ));
+            }
+        };
         let headers: BTreeMap<String, String> = reply.headers.into_iter().collect();
         let (body, encoding) = match String::from_utf8(reply.body) {
             Ok(text) => (Value::String(text), "text"),
@@ -311,8 +301,8 @@ impl TillMcp {
             "headers": headers,
             "body": body,
             "body_encoding": encoding,
-            "token_id": act.claims.id.to_string(),
-            "activations_remaining": act.remaining,
+            "token_id": reply.token_id,
+            "activations_remaining": reply.activations_remaining,
         }))
     }
 }
