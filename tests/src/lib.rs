@@ -449,6 +449,20 @@ impl TestDaemon {
             .expect("this daemon serves no gateway")
     }
 
+    /// Mints a token for `service` with one rule and `uses` activations.
+    pub async fn mint(&self, service: &str, rule: &str, uses: u32) -> till_protocol::MintReply {
+        self.client()
+            .await
+            .mint(till_protocol::MintRequest {
+                service: service.into(),
+                allow: vec![rule.into()],
+                uses: Some(uses),
+                ..till_protocol::MintRequest::default()
+            })
+            .await
+            .expect("mint")
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.socket)
             .await

@@ -237,18 +237,7 @@ async fn after_kill_9_under_load_the_trail_verifies_and_holds_every_activation()
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);
     let tmp = d.keep_dir();
-    let token = d
-        .client()
-        .await
-        .mint(MintRequest {
-            service: "echo".into(),
-            allow: vec!["GET /load".into()],
-            uses: Some(1000),
-            ..MintRequest::default()
-        })
-        .await
-        .expect("mint")
-        .token;
+    let token = d.mint("echo", "GET /load", 1000).await.token;
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let (socket, token) = (d.socket.clone(), token.clone());

@@ -22,18 +22,7 @@ async fn a_replaced_secret_file_switches_keys_with_no_failed_request() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
     let g = d.gateway_url().await;
-    let token = d
-        .client()
-        .await
-        .mint(MintRequest {
-            service: "echo".into(),
-            allow: vec!["GET /r".into()],
-            uses: Some(1000),
-            ..MintRequest::default()
-        })
-        .await
-        .expect("mint")
-        .token;
+    let token = d.mint("echo", "GET /r", 1000).await.token;
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
