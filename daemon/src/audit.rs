@@ -377,4 +377,12 @@ mod tests {
         );
         assert_eq!(verify_chain(&swapped).map_err(|e| e.0), Err(2));
     }
+
+    #[test]
+    fn an_emptied_trail_does_not_verify() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let (line, why) = till_protocol::audit::verify_trail("", &[key]).expect_err("empty");
+        assert_eq!(line, 1);
+        assert!(why.contains("empty"), "{why}");
+    }
 }

@@ -107,7 +107,12 @@ fn spawn_sweeper(b: Broker, shutdown: CancellationToken) {
                 tracing::error!(error = %e, "cannot write the audit checkpoint");
             }
             let n = b.sweep(retention.as_secs());
-            match b.keyring.prune(broker::now_secs()) {
+            // A retired key is remembered for the same retention as a dead token, so its tokens
+            // are refused as "retired" (which says what happened) rather than as unknown.
+            match b
+                .keyring
+                .prune(broker::now_secs().saturating_sub(retention.as_secs()))
+            {
                 Ok(0) => {}
                 Ok(k) => tracing::info!(
                     retired = k,

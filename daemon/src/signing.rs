@@ -231,14 +231,14 @@ impl Keyring {
         Ok((old, new))
     }
 
-    /// Forgets keys past their retirement. Returns how many.
-    pub fn prune(&self, now: u64) -> Result<usize> {
+    /// Forgets keys retired at or before `cutoff` (Unix seconds). Returns how many.
+    pub fn prune(&self, cutoff: u64) -> Result<usize> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         let before = keys.previous.len();
         let kept: Vec<_> = keys
             .previous
             .iter()
-            .filter(|(_, _, r)| *r > now)
+            .filter(|(_, _, r)| *r > cutoff)
             .cloned()
             .collect();
         if kept.len() != before {

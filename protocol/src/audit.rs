@@ -99,6 +99,14 @@ pub fn verify_trail(
     keys: &[ed25519_dalek::VerifyingKey],
 ) -> Result<Report, (usize, String)> {
     use base64::Engine as _;
+    if text.is_empty() {
+        return Err((
+            1,
+            "the file is empty, but every trail tilld writes starts with a signed checkpoint: it was \
+             emptied, or it is not a Till trail"
+                .into(),
+        ));
+    }
     let events = verify_chain(text)?;
     let mut checkpoints = 0;
     let mut last_is_checkpoint = false;
