@@ -334,9 +334,124 @@ pub async fn serve(
     .await;
 }
 
-/// One MCP session on the socket, until the client leaves or the daemon shuts down.
-async fn session(stream: tokio::net::UnixStream, server: TillMcp, shutdown: CancellationToken) {
-    let running = match server.serve(stream).await {
+/// The first byte of a hand-off: `till mcp` sends it with its stdin and stdout attached. It can
+/// never start a JSON-RPC stream, so anything else is a client speaking MCP on the socket itself.
+pub const HANDOFF: u8 = 0;
+
+type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// One connection on `mcp.sock`: either MCP spoken on the socket, or `till mcp` handing over the
+/// agent host's stdin and stdout (`SCM_RIGHTS`) so the daemon serves the host directly, with no
+/// process relaying bytes in between. The hand-off's connection then stays open as the session's
+/// lifeline: it closes when the session ends, and the session ends if `till mcp` dies.
+async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: CancellationToken) {
+    use std::os::fd::AsFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut first = [0u8; 1];
+    let (n, fds) = loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_io(tokio::io::Interest::READABLE, || {
+            crate::sys::recv_with_fds(stream.as_fd(), &mut first)
+        }) {
+            Ok(got) => break got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "mcp connection failed before its first message");
+                return;
+            }
+        }
+    };
+    if n == 0 {
+        return;
+    }
+    if first[0] != HANDOFF {
+        if !fds.is_empty() {
+            tracing::debug!("descriptors sent without a hand-off; closing");
+            return;
+        }
+        let (r, w) = stream.into_split();
+        let r: Reader = Box::new(std::io::Cursor::new(first).chain(r));
+        serve_until_done(server, r, Box::new(w), None, shutdown).await;
+        return;
+    }
+    let stdio = match <[std::os::fd::OwnedFd; 2]>::try_from(fds) {
+        Ok([stdin, stdout]) => stdio_streams(stdin, stdout),
+        Err(_) => Err("a hand-off carries exactly two descriptors, stdin and stdout".to_string()),
+    };
+    match stdio {
+        Ok((r, w)) => {
+            if stream.write_all(b"ok\n").await.is_err() {
+                return;
+            }
+            tracing::debug!("serving an agent host's stdio handed over by `till mcp`");
+            let (mut lifeline, _keep) = stream.into_split();
+            let gone = async move {
+                let mut b = [0u8; 64];
+                while matches!(lifeline.read(&mut b).await, Ok(n) if n > 0) {}
+            };
+            serve_until_done(server, r, w, Some(Box::pin(gone)), shutdown).await;
+        }
+        Err(why) => {
+            let _ = stream.write_all(format!("no: {why}\n").as_bytes()).await;
+        }
+    }
+}
+
+/// Wraps handed-over descriptors for tokio: pipes and sockets only (what agent hosts give their
+/// servers), since only those can be polled; anything else (a terminal, a file) is refused and
+/// `till mcp` relays instead.
+fn stdio_streams(
+    stdin: std::os::fd::OwnedFd,
+    stdout: std::os::fd::OwnedFd,
+) -> Result<(Reader, Writer), String> {
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::net::unix::pipe;
+    let kind = |fd: std::os::fd::OwnedFd| {
+        let f = std::fs::File::from(fd);
+        let t = f.metadata().map(|m| m.file_type());
+        (std::os::fd::OwnedFd::from(f), t)
+    };
+    let socket = |fd: std::os::fd::OwnedFd| {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(s)
+    };
+    let unusable = |e: std::io::Error| format!("the host's stdio cannot be served directly ({e})");
+    let r: Reader = match kind(stdin) {
+        (fd, Ok(t)) if t.is_fifo() => {
+            Box::new(pipe::Receiver::from_owned_fd(fd).map_err(unusable)?)
+        }
+        (fd, Ok(t)) if t.is_socket() => Box::new(socket(fd).map_err(unusable)?),
+        _ => return Err("stdin is neither a pipe nor a socket".into()),
+    };
+    let w: Writer = match kind(stdout) {
+        (fd, Ok(t)) if t.is_fifo() => Box::new(pipe::Sender::from_owned_fd(fd).map_err(unusable)?),
+        (fd, Ok(t)) if t.is_socket() => Box::new(socket(fd).map_err(unusable)?),
+        _ => return Err("stdout is neither a pipe nor a socket".into()),
+    };
+    Ok((r, w))
+}
+
+/// Serves one MCP session until the client leaves, `gone` resolves (the hand-off's lifeline
+/// closed) or the daemon shuts down.
+async fn serve_until_done(
+    server: TillMcp,
+    r: Reader,
+    w: Writer,
+    gone: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    shutdown: CancellationToken,
+) {
+    let gone = async move {
+        match gone {
+            Some(g) => g.await,
+            None => std::future::pending().await,
+        }
+    };
+    let running = match server.serve((r, w)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "mcp session ended before initialize");
@@ -351,6 +466,7 @@ async fn session(stream: tokio::net::UnixStream, server: TillMcp, shutdown: Canc
             }
         }
         _ = shutdown.cancelled() => ct.cancel(),
+        _ = gone => ct.cancel(),
     }
 }
 

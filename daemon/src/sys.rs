@@ -1,4 +1,5 @@
-//! The only module with `unsafe`: thin calls into libc for process hardening and identity.
+//! The only module with `unsafe`: thin calls into libc for process hardening, identity and passing
+//! descriptors.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -82,4 +83,62 @@ pub fn take_listen_fds() -> io::Result<Vec<std::os::fd::OwnedFd>> {
         fds.push(owned);
     }
     Ok(fds)
+}
+
+/// Receives up to `buf.len()` bytes and the file descriptors sent with them (`SCM_RIGHTS`), without
+/// blocking (`WouldBlock` when nothing is there yet). The descriptors arrive close-on-exec and owned,
+/// so any the caller does not keep are closed. More descriptors than fit is an error (the kernel
+/// has already dropped the extra ones).
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // u64 storage keeps the control buffer aligned for `cmsghdr`; 128 bytes hold 28 descriptors.
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, all live and writable for the call.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+    // `msg.msg_controllen`; each SCM_RIGHTS payload is an array of descriptors the kernel just
+    // installed in this process, owned by nobody else yet, so each becomes an OwnedFd exactly once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other(
+            "more file descriptors were sent than the protocol allows",
+        ));
+    }
+    Ok((n as usize, fds))
 }

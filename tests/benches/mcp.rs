@@ -1,5 +1,6 @@
-//! `call_api` through `till mcp` (an rmcp client on stdio → the relay → mcp.sock → tilld) against the
-//! same call through the native socket, interleaved in one run, against a local upstream.
+//! `call_api` through `till mcp` (an rmcp client on stdio, as an agent host launches it) against the
+//! same call through the native socket, interleaved in one run, against a local upstream. Also
+//! `till mcp --relay` (the byte relay the hand-off replaced) and rmcp straight on mcp.sock.
 //! Run with `scripts/bench` (release binaries).
 
 use std::time::{Duration, Instant};
@@ -36,11 +37,17 @@ async fn bench(up: Upstream) {
         .await
         .expect("mint")
         .token;
-    let cmd = tokio::process::Command::new(bin("till")).configure(|c| {
-        c.arg("--socket").arg(&d.socket).arg("mcp");
-    });
-    let mcp = ().serve(TokioChildProcess::new(cmd).expect("spawn")).await.expect("initialize");
-    // The same MCP client straight on mcp.sock, without the relay: what rmcp itself costs.
+    let till_mcp = async |extra: &[&str]| {
+        let cmd = tokio::process::Command::new(bin("till")).configure(|c| {
+            c.arg("--socket").arg(&d.socket).arg("mcp").args(extra);
+        });
+        ().serve(TokioChildProcess::new(cmd).expect("spawn"))
+            .await
+            .expect("initialize")
+    };
+    let mcp = till_mcp(&[]).await;
+    let relayed = till_mcp(&["--relay"]).await;
+    // The same MCP client straight on mcp.sock, with no `till mcp`: what rmcp itself costs.
     let direct = ()
         .serve(
             tokio::net::UnixStream::connect(d.dir.join("mcp.sock"))
@@ -59,49 +66,46 @@ async fn bench(up: Upstream) {
         path: "/bench".into(),
         ..CallRequest::default()
     };
+    let sessions = [&mcp, &relayed, &direct];
     for _ in 0..200 {
         native.call(call.clone()).await.expect("warm");
-        mcp.call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
-            .await
-            .expect("warm");
-        direct
-            .call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
-            .await
-            .expect("warm");
+        for s in sessions {
+            s.call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
+                .await
+                .expect("warm");
+        }
     }
-    let (mut socket_s, mut mcp_s, mut direct_s) = (
-        Vec::with_capacity(N),
-        Vec::with_capacity(N),
-        Vec::with_capacity(N),
-    );
+    let mut socket_s = Vec::with_capacity(N);
+    let mut mcp_s: [Vec<Duration>; 3] = Default::default();
     for _ in 0..N {
         let t = Instant::now();
         native.call(call.clone()).await.expect("call");
         socket_s.push(t.elapsed());
-        let t = Instant::now();
-        let r = mcp
-            .call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
-            .await
-            .expect("call_api");
-        mcp_s.push(t.elapsed());
-        assert_ne!(r.is_error, Some(true));
-        let t = Instant::now();
-        direct
-            .call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
-            .await
-            .expect("call_api");
-        direct_s.push(t.elapsed());
+        for (s, samples) in sessions.iter().zip(mcp_s.iter_mut()) {
+            let t = Instant::now();
+            let r = s
+                .call_tool(CallToolRequestParams::new("call_api").with_arguments(args.clone()))
+                .await
+                .expect("call_api");
+            samples.push(t.elapsed());
+            assert_ne!(r.is_error, Some(true));
+        }
     }
-    let (s, m, dm) = (p50(socket_s), p50(mcp_s), p50(direct_s));
-    println!("call through the native socket, c=1          p50 {s:>8.1} µs");
-    println!("call_api through till mcp (stdio relay), c=1  p50 {m:>8.1} µs");
+    let s = p50(socket_s);
+    let [m, r, dm] = mcp_s.map(p50);
+    println!("call through the native socket, c=1                 p50 {s:>8.1} µs");
     println!(
-        "  added by the MCP path (p50 difference)          {:>8.1} µs",
+        "call_api through till mcp (stdio handed over), c=1   p50 {m:>8.1} µs  added {:>6.1} µs",
         m - s
     );
     println!(
-        "call_api straight on mcp.sock (no relay), c=1 p50 {dm:>8.1} µs  (rmcp's own share: {:.1} µs)",
+        "call_api through till mcp --relay, c=1               p50 {r:>8.1} µs  added {:>6.1} µs",
+        r - s
+    );
+    println!(
+        "call_api straight on mcp.sock (rmcp only), c=1       p50 {dm:>8.1} µs  added {:>6.1} µs",
         dm - s
     );
     mcp.cancel().await.expect("close");
+    relayed.cancel().await.expect("close");
 }

@@ -20,13 +20,38 @@ fn agent() -> ClientConfig {
 }
 
 async fn stdio_session(socket: &std::path::Path) -> Session {
+    stdio_session_with(socket, &[]).await.0
+}
+
+/// `till mcp` as an agent host launches it (stdio on pipes), with `args` after `mcp`; also
+/// returns its pid.
+async fn stdio_session_with(socket: &std::path::Path, args: &[&str]) -> (Session, u32) {
     let cmd = tokio::process::Command::new(bin("till")).configure(|c| {
-        c.arg("--socket").arg(socket).arg("mcp");
+        c.arg("--socket").arg(socket).arg("mcp").args(args);
     });
-    agent()
-        .serve(TokioChildProcess::new(cmd).expect("spawn till mcp"))
+    let child = TokioChildProcess::new(cmd).expect("spawn till mcp");
+    let pid = child.id().expect("pid");
+    let s = agent()
+        .serve(child)
         .await
-        .expect("initialize through till mcp")
+        .expect("initialize through till mcp");
+    (s, pid)
+}
+
+/// What `pid`'s descriptor `fd` refers to (`pipe:[inode]`).
+fn fd_target(pid: u32, fd: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .expect("fd link")
+        .display()
+        .to_string()
+}
+
+/// Whether `pid` holds a descriptor to `target`.
+fn holds(pid: u32, target: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| l.display().to_string() == target)
 }
 
 async fn call(s: &Session, tool: &'static str, args: Value) -> CallToolResult {
@@ -286,9 +311,25 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
 async fn an_agent_through_till_mcp_on_stdio() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);
-    let s = stdio_session(&d.socket).await;
+    let (s, relay_pid) = stdio_session_with(&d.socket, &[]).await;
+    // `till mcp` handed the host's pipes to the daemon, which now reads and answers them itself.
+    let stdin = fd_target(relay_pid, 0);
+    assert!(stdin.starts_with("pipe:"), "{stdin}");
+    assert!(
+        holds(d.child.id(), &stdin),
+        "the daemon serves the host's stdin directly"
+    );
     agent_story(&s, &d, &up).await;
     s.cancel().await.expect("close");
+    // The host went away: the daemon lets go of its pipes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holds(d.child.id(), &stdin) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon kept the host's pipe"
+        );
+        tokio::task::yield_now().await;
+    }
     let audit = d.audit_text();
     assert!(
         audit.contains("\"client\":\"test-agent\""),
@@ -301,6 +342,42 @@ async fn an_agent_through_till_mcp_on_stdio() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_till_mcp_ends_its_session_in_the_daemon() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let (s, relay_pid) = stdio_session_with(&d.socket, &[]).await;
+    let stdin = fd_target(relay_pid, 0);
+    assert!(holds(d.child.id(), &stdin));
+    // The host still holds its ends of the pipes; only `till mcp` dies.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+    let rc = unsafe { libc::kill(relay_pid as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holds(d.child.id(), &stdin) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session outlived `till mcp`"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(s);
+    // The daemon keeps serving new sessions.
+    let s = stdio_session(&d.socket).await;
+    assert_eq!(s.list_all_tools().await.expect("tools").len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_through_till_mcp_relaying_bytes() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let (s, relay_pid) = stdio_session_with(&d.socket, &["--relay"]).await;
+    assert!(!holds(d.child.id(), &fd_target(relay_pid, 0)));
+    agent_story(&s, &d, &up).await;
+    s.cancel().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

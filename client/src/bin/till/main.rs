@@ -140,11 +140,14 @@ enum Cmd {
     RotateSigningKey,
     /// The daemon's signing public key(s).
     Pubkey,
-    /// MCP on stdio, for agent hosts: relays to the daemon's MCP socket.
+    /// MCP on stdio, for agent hosts: hands stdio to the daemon's MCP socket (or relays it).
     Mcp {
         /// The daemon's MCP socket (else $TILL_MCP_SOCKET, else mcp.sock beside the native socket).
         #[arg(long, value_name = "PATH")]
         mcp_socket: Option<PathBuf>,
+        /// Copy bytes between stdio and the socket instead of handing stdio to the daemon.
+        #[arg(long)]
+        relay: bool,
     },
     /// Check a token's signature and claims offline.
     Verify {
@@ -478,9 +481,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
-        Cmd::Mcp { mcp_socket } => {
+        Cmd::Mcp { mcp_socket, relay } => {
             let native = socket_path(cli.socket.as_deref());
-            mcp::run(&mcp::mcp_socket_path(mcp_socket.as_deref(), &native)).await?;
+            mcp::run(&mcp::mcp_socket_path(mcp_socket.as_deref(), &native), relay).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,9 +1,13 @@
-//! `till mcp`: MCP on stdio for agent hosts, relayed byte for byte to the daemon's `mcp.sock`.
+//! `till mcp`: MCP on stdio for agent hosts, served by the daemon on `mcp.sock`.
 //!
-//! The relay holds no rules and no state: the daemon is the MCP server. When the daemon cannot be
+//! When stdin and stdout are pipes or sockets (as every agent host gives them), `till mcp` hands
+//! them to the daemon (`SCM_RIGHTS`) and then only waits: the daemon reads and answers the host
+//! directly, with no process in between to wake for every message. Otherwise (a terminal, or
+//! `--relay`), it copies bytes both ways. Either way it holds no rules and no state. When the daemon cannot be
 //! reached, `till mcp` still answers as an MCP server (so the host shows a reason instead of a dead
 //! server), with the same five tools, each returning an error that says how to start `tilld`.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -21,12 +25,23 @@ pub fn mcp_socket_path(explicit: Option<&Path>, native: &Path) -> PathBuf {
     till_client::till_protocol::paths::mcp_socket_beside(native)
 }
 
-pub async fn run(path: &Path) -> anyhow::Result<()> {
+pub async fn run(path: &Path, relay_only: bool) -> anyhow::Result<()> {
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => {
-            // Plain blocking copies on two threads: each direction is woken by the kernel
-            // directly, with no event loop in between (this relay sits on every tool call).
-            tokio::task::spawn_blocking(move || relay(stream)).await??;
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || {
+                if !relay_only && stdio_is_pollable() {
+                    match hand_off(&stream) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            eprintln!("till mcp: {e}; relaying instead");
+                            return relay(std::os::unix::net::UnixStream::connect(&path)?);
+                        }
+                    }
+                }
+                relay(stream)
+            })
+            .await??;
             Ok(())
         }
         Err(e) => {
@@ -42,6 +57,96 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether stdin and stdout are pipes or sockets, the kinds the daemon can serve directly.
+fn stdio_is_pollable() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let pollable = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+            .unwrap_or(false)
+    };
+    pollable(std::io::stdin().as_fd()) && pollable(std::io::stdout().as_fd())
+}
+
+/// Sends stdin and stdout to the daemon with the hand-off byte, reads its answer ("ok", or "no:"
+/// and why), then waits until the daemon closes the connection, which it does when the session
+/// ends. Nothing is read from stdin here, so no byte of the host's is lost either way.
+fn hand_off(stream: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    use std::io::BufRead;
+    send_with_fds(
+        stream,
+        HANDOFF,
+        &[std::io::stdin().as_fd(), std::io::stdout().as_fd()],
+    )?;
+    let mut answer = String::new();
+    let mut reader = std::io::BufReader::new(stream);
+    reader.read_line(&mut answer)?;
+    if answer != "ok\n" {
+        let why = answer.trim().trim_start_matches("no:").trim();
+        return Err(std::io::Error::other(if why.is_empty() {
+            "the daemon did not take stdio over".to_string()
+        } else {
+            format!("the daemon did not take stdio over: {why}")
+        }));
+    }
+    // The session runs in the daemon now. Block until it closes the lifeline.
+    let mut sink = [0u8; 64];
+    while std::io::Read::read(&mut reader, &mut sink)? > 0 {}
+    Ok(())
+}
+
+/// The hand-off byte (the daemon's `mcp::HANDOFF`): a JSON-RPC stream never starts with it.
+const HANDOFF: u8 = 0;
+
+/// One byte with `fds` attached (`SCM_RIGHTS`); the daemon gets its own copies of them.
+#[allow(unsafe_code)]
+fn send_with_fds(
+    stream: &std::os::unix::net::UnixStream,
+    byte: u8,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let payload = fds.len() * std::mem::size_of::<libc::c_int>();
+    // u64 storage keeps the control buffer aligned for `cmsghdr`.
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    if space > std::mem::size_of_val(&control) {
+        return Err(std::io::Error::other("too many descriptors to send"));
+    }
+    let mut data = [byte];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is aligned and at least CMSG_SPACE(payload) long, so the first
+    // header and its data (CMSG_LEN(payload)) fit in it; `msg` points only at live locals, and
+    // the descriptors are borrowed, valid for the call.
+    let n = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+        let out = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(out.add(i), fd.as_raw_fd());
+        }
+        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n != 1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn relay(stream: std::os::unix::net::UnixStream) -> std::io::Result<()> {
