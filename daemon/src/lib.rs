@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 pub mod gateway;
 pub mod handlers;
+pub mod journal;
 pub mod mcp;
 pub mod metrics;
 pub mod peer;

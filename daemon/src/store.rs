@@ -1,12 +1,19 @@
-//! Durable state: every token's record (claims, activations used, revocation) in redb.
+//! Durable state: every token's record (claims, activations used, revocation) in redb, with a
+//! journal in front of it.
 //!
 //! Why redb: pure Rust (no C build), one fdatasync per commit like SQLite in WAL/FULL mode with the
-//! same latency here, and an exclusive file lock that stops two daemons sharing a state dir.
+//! same latency here, and an exclusive file lock that stops two daemons sharing a state dir. Why a
+//! journal: a redb commit writes several scattered pages before its sync; a journal record is one
+//! in-place write (see `journal.rs`). Every batch is one journal record, synced if the batch must
+//! be durable; its waiters are answered, and then it is written to redb without a sync (redb is
+//! only read at start). Every 250 ms while anything changed, at a clean shutdown, and when the
+//! journal is full, a checkpoint makes redb durable and notes the last journal record it includes;
+//! at open, the records after it are replayed.
 //!
-//! The committer is a thread that owns the database. Jobs go into one queue; the committer takes
-//! everything waiting and writes it in one transaction (group commit): under 16 concurrent
-//! activations that is one fsync for up to 16 of them. A job with an `ack` needs durability (an
-//! activation, a revocation): it wakes the committer, and its batch is committed `Immediate`. A
+//! The committer is a thread that owns the database and the journal. Jobs go into one queue; the
+//! committer takes everything waiting and writes it as one record (group commit): under 16
+//! concurrent activations that is one fsync for up to 16 of them. A job with an `ack` needs
+//! durability (an activation, a revocation): it wakes the committer, and its record is synced. A
 //! mint does not wake anyone (a thread wake-up costs more than the mint itself on a small VM); it
 //! rides along with the next durable batch, or the committer's idle tick writes it without fsync.
 //! Jobs are queued while the broker holds its state lock, so the queue's order is the order of the
@@ -22,7 +29,12 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::journal::{self, Journal};
+
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+/// `journal_seq`: the last journal record the latest durable commit includes.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const JOURNAL_SEQ: &str = "journal_seq";
 
 /// What the daemon remembers about a token. Never the token string, never a secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,7 +123,28 @@ impl Store {
         })?;
         let tx = db.begin_write()?;
         tx.open_table(TOKENS)?;
+        let after = tx.open_table(META)?.get(JOURNAL_SEQ)?.map(|v| v.value());
         tx.commit()?;
+        // Replay what the journal holds beyond redb's last checkpoint, and checkpoint it.
+        let jpath = dir.join("till.journal");
+        let (mut journal, replay) = Journal::open(&jpath, after.unwrap_or(0))
+            .with_context(|| format!("cannot open the store's journal {}", jpath.display()))?;
+        if !replay.is_empty() {
+            tracing::info!(
+                records = replay.len(),
+                "replaying the store's journal after an unclean stop"
+            );
+        }
+        let entries: Vec<Job> = replay
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .map(|e| Job {
+                key: e.key,
+                value: e.value,
+                ack: None,
+            })
+            .collect();
+        checkpoint(&db, &mut journal, &entries)?;
         let mut records = Vec::new();
         {
             let read = db.begin_read()?;
@@ -134,7 +167,7 @@ impl Store {
         let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("till-store".into())
-            .spawn(move || committer(db, &committer_shared))?;
+            .spawn(move || committer(db, journal, &committer_shared))?;
         Ok((
             Store {
                 _closer: Arc::new(Closer(shared.clone())),
@@ -194,14 +227,37 @@ impl Store {
 /// How often an idle committer writes queued mints that no durable write has carried along.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
-fn committer(db: Database, shared: &Shared) {
+/// How often redb is checkpointed while anything changed. A checkpoint writes every page changed
+/// since the last one and syncs; doing it often keeps each one short (a few ms under load, not
+/// the tens of ms that a journal's worth of changes takes), and the batch that finds the journal
+/// full pays for one only if a checkpoint has not come first.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+fn committer(db: Database, mut journal: Journal, shared: &Shared) {
+    let mut last_checkpoint = std::time::Instant::now();
+    let mut changed = false;
+    // False once a batch the journal holds could not be written to redb: no checkpoint may then
+    // claim to include it (it stays in the journal, for the replay at the next start).
+    let mut whole = true;
     loop {
-        let (batch, closed) = {
+        let (mut batch, closed) = {
             let mut q = shared.lock();
             while q.jobs.is_empty() && !q.closed {
-                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                if !changed {
+                    q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                let due = CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed());
+                if due.is_zero() {
+                    break;
+                }
+                q = shared
+                    .wake
+                    .wait_timeout(q, due)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
-            if q.jobs.iter().all(|j| j.ack.is_none()) && !q.closed {
+            if !q.jobs.is_empty() && q.jobs.iter().all(|j| j.ack.is_none()) && !q.closed {
                 // Only mints: gather them for a tick, unless a durable job cuts the wait short.
                 q = shared
                     .wake
@@ -212,17 +268,33 @@ fn committer(db: Database, shared: &Shared) {
             (std::mem::take(&mut q.jobs), q.closed)
         };
         if !batch.is_empty() {
-            // The last batch is always durable, so a clean shutdown leaves every mint on disk.
-            let durable = closed || batch.iter().any(|j| j.ack.is_some());
-            let result = write_batch(&db, &batch, durable).map_err(|e| {
-                tracing::error!(error = %e, "store commit failed");
+            let durable = batch.iter().any(|j| j.ack.is_some());
+            let result = write_batch(&db, &mut journal, &batch, durable, whole).map_err(|e| {
+                tracing::error!(error = %format!("{e:#}"), "store commit failed");
                 "the daemon could not record this durably".to_string()
             });
-            for job in batch {
-                if let Some(ack) = job.ack {
-                    let _ = ack.send(result.clone());
+            for job in &mut batch {
+                if let Some(ack) = job.ack.take() {
+                    let _ = ack.send(result.clone().map(|_| ()));
                 }
             }
+            // The waiters have their answer; redb catches up after (it is read only at start,
+            // and the journal holds the batch until a checkpoint does).
+            if result == Ok(false) {
+                if let Err(e) = apply_lazily(&db, &batch) {
+                    tracing::error!(error = %format!("{e:#}"), "store write failed");
+                    whole = false;
+                }
+                changed = true;
+            }
+        }
+        // The last checkpoint, at a clean shutdown, leaves redb whole and nothing to replay.
+        if whole && (closed || (changed && last_checkpoint.elapsed() >= CHECKPOINT_EVERY)) {
+            match checkpoint(&db, &mut journal, &[]) {
+                Ok(()) => changed = false,
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "store checkpoint failed"),
+            }
+            last_checkpoint = std::time::Instant::now();
         }
         if closed && shared.lock().jobs.is_empty() {
             return;
@@ -230,24 +302,64 @@ fn committer(db: Database, shared: &Shared) {
     }
 }
 
-fn write_batch(db: &Database, batch: &[Job], durable: bool) -> Result<()> {
-    let mut tx = db.begin_write()?;
-    if !durable {
-        tx.set_durability(Durability::None)?;
+/// Makes one batch durable: one journal record, synced if `durable`; `Ok(false)` means redb has
+/// yet to be written. A batch that does not fit in what is left of the journal is a checkpoint
+/// instead (`Ok(true)`), which only a `whole` store may take.
+fn write_batch(
+    db: &Database,
+    journal: &mut Journal,
+    batch: &[Job],
+    durable: bool,
+    whole: bool,
+) -> Result<bool> {
+    let payload = journal::encode(batch.iter().map(|j| (&j.key, j.value.as_deref())));
+    if !journal.fits(&payload) {
+        anyhow::ensure!(
+            whole,
+            "the journal is full and an earlier write to redb failed"
+        );
+        checkpoint(db, journal, batch)?;
+        return Ok(true);
     }
-    {
-        let mut table = tx.open_table(TOKENS)?;
-        for job in batch {
-            match &job.value {
-                Some(v) => {
-                    table.insert(job.key.as_slice(), v.as_slice())?;
-                }
-                None => {
-                    table.remove(job.key.as_slice())?;
-                }
+    journal
+        .append(&payload, durable)
+        .context("cannot write the store's journal")?;
+    Ok(false)
+}
+
+/// Writes a batch to redb without a sync.
+fn apply_lazily(db: &Database, batch: &[Job]) -> Result<()> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::None)?;
+    apply(&tx, batch)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// A durable redb commit of `batch` that also notes the last journal record it includes (all of
+/// them: each batch is written to redb before the next is taken); the journal then starts again
+/// from its beginning.
+fn checkpoint(db: &Database, journal: &mut Journal, batch: &[Job]) -> Result<()> {
+    let tx = db.begin_write()?;
+    apply(&tx, batch)?;
+    tx.open_table(META)?
+        .insert(JOURNAL_SEQ, journal.last_seq())?;
+    tx.commit()?;
+    journal.rewind();
+    Ok(())
+}
+
+fn apply(tx: &redb::WriteTransaction, batch: &[Job]) -> Result<()> {
+    let mut table = tx.open_table(TOKENS)?;
+    for job in batch {
+        match &job.value {
+            Some(v) => {
+                table.insert(job.key.as_slice(), v.as_slice())?;
+            }
+            None => {
+                table.remove(job.key.as_slice())?;
             }
         }
     }
-    tx.commit()?;
     Ok(())
 }

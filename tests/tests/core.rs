@@ -125,6 +125,12 @@ async fn kill_9_mid_race_never_overspends_and_spent_stays_spent() {
     let hits_before = up.hits();
 
     let d2 = TestDaemon::start_in(&d.dir);
+    // The activations since the last checkpoint come back from the store's journal.
+    assert!(
+        d2.log_text().contains("replaying the store's journal"),
+        "{}",
+        d2.log_text()
+    );
     let mut c = d2.client().await;
     assert_eq!(
         code(c.call(call_req(&one_shot, "GET", "/once")).await),
