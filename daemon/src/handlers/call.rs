@@ -80,12 +80,23 @@ pub async fn activate(
         b.audit(EventKind::Mint, mint_event(peer, &claims))?;
         b.metrics.mint();
     }
+    // The activation's audit line is written while its commit is in flight on the committer
+    // thread (this one would only wait); both are done before a byte goes upstream. If the commit
+    // fails, a `deny` line follows, saying the activation was given back and nothing was sent.
+    let audited = b.audit(EventKind::Activate, event.clone());
     if let Err(e) = durable.wait().await {
         b.unreserve(claims.id);
-        return Err(Refusal::internal(format!("{e}; nothing was sent upstream")));
+        let refusal = Refusal::internal(format!(
+            "{e}; the activation was given back and nothing was sent upstream"
+        ));
+        if audited.is_ok() {
+            // Not through `deny`: this line must not be folded into a burst summary.
+            event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
+            let _ = b.audit(EventKind::Deny, event);
+        }
+        return Err(refusal);
     }
-    // The activation is on disk; its audit line goes before a byte goes upstream.
-    b.audit(EventKind::Activate, event)?;
+    audited?;
     b.metrics.activation();
     Ok(Activation {
         claims,
