@@ -1,17 +1,17 @@
-//! The store's journal: what makes a durable write one small in-place write and one `fdatasync`,
-//! instead of a B-tree commit (on this machine 6–9 scattered page writes and a header before the
-//! sync, 1.5–2× the cost of syncing one block).
+//! The store's journals: what makes a durable write one small in-place write and one
+//! `fdatasync`, instead of a B-tree commit (on this machine 6–9 scattered page writes and a header
+//! before the sync, 1.5–2× the cost of syncing one block).
 //!
-//! A fixed-size file, zero-filled when created, so writing into it never changes its size or block
-//! allocation and `fdatasync` has no metadata to commit. Every batch of store writes becomes one
-//! record (magic, sequence number, payload length, checksum, payload), written after the previous
-//! one; a batch that must be durable is synced, and the sync carries every record written before it.
-//! When the next record does not fit, the store checkpoints (a durable redb commit that notes the
-//! last sequence number it includes) and writing starts again at offset 0.
+//! A journal is a fixed-size file, zero-filled when created, so writing into it never changes its
+//! size or block allocation and `fdatasync` has no metadata to commit. Every batch of store writes
+//! becomes one record (magic, sequence number, payload length, checksum, payload), written after the
+//! previous one from offset 0; a batch that must be durable is synced, and the sync carries every
+//! record written before it. The store numbers the records and keeps two journals, writing one
+//! while redb checkpoints what the other holds (see `store.rs`).
 //!
 //! At open, records are read from offset 0 while each is intact (checksum) and numbered one after
-//! the previous; those newer than redb's checkpoint are replayed in order. Whatever follows is a
-//! torn record that was never acknowledged, or the remains of the previous lap, numbered lower.
+//! the previous. Whatever follows is a torn record that was never acknowledged, or the remains of
+//! an earlier lap, numbered lower (a journal is only written again once a checkpoint holds it).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,7 +20,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// The journal's size: 8 MiB, about 20,000 single-token records between checkpoints.
+/// A journal's size: 8 MiB, about 20,000 single-token records.
 pub const SIZE: u64 = 8 << 20;
 const MAGIC: [u8; 4] = *b"TLJ1";
 /// Magic, sequence number, payload length, the first 16 bytes of SHA-256 over the three after it.
@@ -39,14 +39,13 @@ pub type Replayed = (u64, Vec<Entry>);
 pub struct Journal {
     file: File,
     head: u64,
-    next_seq: u64,
 }
 
 impl Journal {
-    /// Opens the journal at `path` (creating it zero-filled if absent or not whole) and returns the
-    /// intact records numbered above `after` (redb's checkpoint), oldest first. The journal is then
-    /// positioned at offset 0: the caller must checkpoint the replayed records before appending.
-    pub fn open(path: &Path, after: u64) -> io::Result<(Journal, Vec<Replayed>)> {
+    /// Opens the journal at `path` (creating it zero-filled if absent or not whole) and returns its
+    /// intact, consecutively numbered records from offset 0, oldest first. The journal is then
+    /// positioned at offset 0: the caller must checkpoint what it needs of them before appending.
+    pub fn open(path: &Path) -> io::Result<(Journal, Vec<Replayed>)> {
         let existing = std::fs::metadata(path).map(|m| m.len()).ok();
         let file = if existing == Some(SIZE) {
             OpenOptions::new().read(true).write(true).open(path)?
@@ -56,37 +55,19 @@ impl Journal {
         };
         let mut bytes = vec![0u8; SIZE as usize];
         file.read_exact_at(&mut bytes, 0)?;
-        let mut replay = Vec::new();
-        let mut last_seq = after;
-        let mut prev: Option<u64> = None;
+        let mut records: Vec<Replayed> = Vec::new();
         let mut at = 0usize;
         while let Some((seq, payload, len)) = read_record(&bytes[at..]) {
-            if prev.is_some_and(|p| seq != p + 1) {
+            if records.last().is_some_and(|(p, _)| seq != p + 1) {
                 break;
             }
             let Some(entries) = decode(payload) else {
                 break;
             };
-            prev = Some(seq);
-            last_seq = last_seq.max(seq);
-            if seq > after {
-                replay.push((seq, entries));
-            }
+            records.push((seq, entries));
             at += len;
         }
-        Ok((
-            Journal {
-                file,
-                head: 0,
-                next_seq: last_seq + 1,
-            },
-            replay,
-        ))
-    }
-
-    /// The sequence number of the last record written (or replayed, or checkpointed).
-    pub fn last_seq(&self) -> u64 {
-        self.next_seq - 1
+        Ok((Journal { file, head: 0 }, records))
     }
 
     /// Whether a record with this payload fits before the end of the file.
@@ -94,10 +75,19 @@ impl Journal {
         self.head + (HEADER + payload.len()) as u64 <= SIZE
     }
 
-    /// Writes one record after the last; with `sync`, waits until it (and every record before it)
-    /// is on disk. The caller checks [`Journal::fits`] first.
-    pub fn append(&mut self, payload: &[u8], sync: bool) -> io::Result<u64> {
-        let seq = self.next_seq;
+    /// Whether less than half the file is written (the store switches journals past that).
+    pub fn under_half(&self) -> bool {
+        self.head < SIZE / 2
+    }
+
+    /// Whether nothing has been written since the last rewind.
+    pub fn is_empty(&self) -> bool {
+        self.head == 0
+    }
+
+    /// Writes record `seq` after the last; with `sync`, waits until it (and every record before
+    /// it) is on disk. The caller checks [`Journal::fits`] first.
+    pub fn append(&mut self, seq: u64, payload: &[u8], sync: bool) -> io::Result<()> {
         let mut rec = Vec::with_capacity(HEADER + payload.len());
         rec.extend_from_slice(&MAGIC);
         rec.extend_from_slice(&seq.to_be_bytes());
@@ -109,14 +99,23 @@ impl Journal {
             self.file.sync_data()?;
         }
         self.head += rec.len() as u64;
-        self.next_seq += 1;
-        Ok(seq)
+        Ok(())
     }
 
-    /// Starts again at offset 0, once a checkpoint holds every record written so far.
+    /// Flushes what was written without a sync (before a journal is left for the other).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Starts again at offset 0, once a checkpoint holds every record in it.
     pub fn rewind(&mut self) {
         self.head = 0;
     }
+}
+
+/// Whether a record with this payload fits in an empty journal.
+pub fn fits_empty(payload: &[u8]) -> bool {
+    (HEADER + payload.len()) as u64 <= SIZE
 }
 
 fn create_zeroed(path: &Path) -> io::Result<File> {
@@ -213,49 +212,50 @@ mod tests {
         encode([(&key, Some(value.as_slice())), (&gone, None)].into_iter())
     }
 
+    fn seqs(r: &[Replayed]) -> Vec<u64> {
+        r.iter().map(|r| r.0).collect()
+    }
+
     #[test]
-    fn records_replay_in_order_and_a_torn_tail_is_ignored() {
+    fn records_come_back_in_order_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
-        let (mut j, replay) = Journal::open(&path, 0).expect("open");
+        let (mut j, replay) = Journal::open(&path).expect("open");
         assert!(replay.is_empty());
-        for n in 1..=5 {
-            assert_eq!(j.append(&batch(n), n % 2 == 0).expect("append"), n as u64);
+        for n in 1..=5u8 {
+            j.append(u64::from(n) + 10, &batch(n), n % 2 == 0)
+                .expect("append");
         }
         drop(j);
-        let (j, replay) = Journal::open(&path, 2).expect("reopen");
-        assert_eq!(replay.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(replay[0].1[0].value.as_deref(), Some(&[3u8; 300][..]));
+        let (_, replay) = Journal::open(&path).expect("reopen");
+        assert_eq!(seqs(&replay), [11, 12, 13, 14, 15]);
+        assert_eq!(replay[0].1[0].value.as_deref(), Some(&[1u8; 300][..]));
         assert_eq!(replay[0].1[1].value, None);
-        assert_eq!(j.last_seq(), 5);
-        drop(j);
 
         // Tear the fourth record: the fifth, after it, is not trusted either.
         let rec_len = (HEADER + batch(1).len()) as u64;
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.write_all_at(&[0xff; 8], rec_len * 3 + HEADER as u64 + 20)
             .expect("tear");
-        let (j, replay) = Journal::open(&path, 0).expect("reopen");
-        assert_eq!(replay.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(j.last_seq(), 3);
+        let (_, replay) = Journal::open(&path).expect("reopen");
+        assert_eq!(seqs(&replay), [11, 12, 13]);
     }
 
     #[test]
     fn a_new_lap_ends_where_the_old_records_begin() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
-        let (mut j, _) = Journal::open(&path, 0).expect("open");
-        for n in 1..=6 {
-            j.append(&batch(n), true).expect("append");
+        let (mut j, _) = Journal::open(&path).expect("open");
+        for n in 1..=6u8 {
+            j.append(u64::from(n), &batch(n), true).expect("append");
         }
         // A checkpoint took 1..=6; the next lap overwrites the start of the file.
         j.rewind();
-        j.append(&batch(7), true).expect("append");
-        j.append(&batch(8), true).expect("append");
+        j.append(20, &batch(7), true).expect("append");
+        j.append(21, &batch(8), true).expect("append");
         drop(j);
-        let (j, replay) = Journal::open(&path, 6).expect("reopen");
-        assert_eq!(replay.iter().map(|r| r.0).collect::<Vec<_>>(), [7, 8]);
-        assert_eq!(j.last_seq(), 8);
+        let (_, replay) = Journal::open(&path).expect("reopen");
+        assert_eq!(seqs(&replay), [20, 21]);
     }
 
     #[test]
@@ -263,9 +263,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
         std::fs::write(&path, b"partial").expect("write");
-        let (j, replay) = Journal::open(&path, 9).expect("open");
+        let (_, replay) = Journal::open(&path).expect("open");
         assert!(replay.is_empty());
-        assert_eq!(j.last_seq(), 9);
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), SIZE);
     }
 }

@@ -1,37 +1,45 @@
-//! Durable state: every token's record (claims, activations used, revocation) in redb, with a
-//! journal in front of it.
+//! Durable state: every token's record (claims, activations used, revocation) in redb, with two
+//! journals in front of it.
 //!
-//! Why redb: pure Rust (no C build), one fdatasync per commit like SQLite in WAL/FULL mode with the
-//! same latency here, and an exclusive file lock that stops two daemons sharing a state dir. Why a
-//! journal: a redb commit writes several scattered pages before its sync; a journal record is one
-//! in-place write (see `journal.rs`). Every batch is one journal record, synced if the batch must
-//! be durable; its waiters are answered, and then it is written to redb without a sync (redb is
-//! only read at start). Every 250 ms while anything changed, at a clean shutdown, and when the
-//! journal is full, a checkpoint makes redb durable and notes the last journal record it includes;
-//! at open, the records after it are replayed.
+//! Why redb: pure Rust (no C build), and an exclusive file lock that stops two daemons sharing a
+//! state dir. Why journals: a redb commit writes several scattered pages before its sync; a journal
+//! record is one in-place write (see `journal.rs`), the write-ahead log every database keeps.
 //!
-//! The committer is a thread that owns the database and the journal. Jobs go into one queue; the
-//! committer takes everything waiting and writes it as one record (group commit): under 16
-//! concurrent activations that is one fsync for up to 16 of them. A job with an `ack` needs
-//! durability (an activation, a revocation): it wakes the committer, and its record is synced. A
-//! mint does not wake anyone (a thread wake-up costs more than the mint itself on a small VM); it
-//! rides along with the next durable batch, or the committer's idle tick writes it without fsync.
+//! Two threads. The committer (`till-store`) takes every job waiting in the queue and writes them as
+//! one journal record (group commit: under 16 concurrent activations, one fsync for up to 16 of
+//! them). A job with an `ack` needs durability (an activation, a revocation): it wakes the committer,
+//! and its record is synced (the sync also carries every record before it). A mint does not wake
+//! anyone (a thread wake-up costs more than the mint itself on a small VM); it rides along with the
+//! next durable batch, or the committer's idle tick writes it without a sync. The committer also
+//! keeps the latest value of each record written since the last checkpoint, and hands them over
+//! with each request for a checkpoint to the checkpointer (`till-checkpoint`, the thread that owns
+//! redb), which writes them in one durable commit that also notes the last journal record it
+//! includes (one message per checkpoint, not per write: a thread wake-up per write costs more than
+//! the write).
+//!
+//! The committer writes one journal while the other waits to be checkpointed: every 250 ms (if
+//! anything was written), or once the journal is half full, it asks for a checkpoint of everything
+//! so far and switches to the other journal, if that one's checkpoint is done (else it goes on in
+//! this one; a full journal waits for it). So a checkpoint never holds up a durable write. At open,
+//! the intact records of both journals numbered after redb's checkpoint are replayed, in order.
+//!
 //! Jobs are queued while the broker holds its state lock, so the queue's order is the order of the
 //! changes and a later snapshot of a record always lands after an earlier one.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::journal::{self, Journal};
 
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+const JOURNALS: [&str; 2] = ["till.journal.a", "till.journal.b"];
 /// `journal_seq`: the last journal record the latest durable commit includes.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOURNAL_SEQ: &str = "journal_seq";
@@ -123,28 +131,40 @@ impl Store {
         })?;
         let tx = db.begin_write()?;
         tx.open_table(TOKENS)?;
-        let after = tx.open_table(META)?.get(JOURNAL_SEQ)?.map(|v| v.value());
+        let after = tx
+            .open_table(META)?
+            .get(JOURNAL_SEQ)?
+            .map(|v| v.value())
+            .unwrap_or(0);
         tx.commit()?;
-        // Replay what the journal holds beyond redb's last checkpoint, and checkpoint it.
-        let jpath = dir.join("till.journal");
-        let (mut journal, replay) = Journal::open(&jpath, after.unwrap_or(0))
-            .with_context(|| format!("cannot open the store's journal {}", jpath.display()))?;
-        if !replay.is_empty() {
+        // Replay what the journals hold beyond redb's last checkpoint, in order and without a
+        // gap, and checkpoint it; both journals are then free.
+        let mut journals = Vec::new();
+        let mut found = Vec::new();
+        for name in JOURNALS {
+            let jpath = dir.join(name);
+            let (j, records) = Journal::open(&jpath)
+                .with_context(|| format!("cannot open the store's journal {}", jpath.display()))?;
+            journals.push(j);
+            found.extend(records.into_iter().filter(|(seq, _)| *seq > after));
+        }
+        found.sort_by_key(|(seq, _)| *seq);
+        let mut last = after;
+        let mut pending = Pending::default();
+        for (seq, entries) in found {
+            if seq != last + 1 {
+                break;
+            }
+            last = seq;
+            pending.add(entries.into_iter().map(|e| (e.key, e.value)));
+        }
+        if last > after {
             tracing::info!(
-                records = replay.len(),
+                records = last - after,
                 "replaying the store's journal after an unclean stop"
             );
         }
-        let entries: Vec<Job> = replay
-            .into_iter()
-            .flat_map(|(_, entries)| entries)
-            .map(|e| Job {
-                key: e.key,
-                value: e.value,
-                ack: None,
-            })
-            .collect();
-        checkpoint(&db, &mut journal, &entries)?;
+        pending.checkpoint(&db, last)?;
         let mut records = Vec::new();
         {
             let read = db.begin_read()?;
@@ -164,10 +184,14 @@ impl Store {
             }),
             wake: Condvar::new(),
         });
+        let checkpointer = Checkpointer::start(db)?;
+        let [a, b]: [Journal; 2] = journals
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two journals"))?;
         let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("till-store".into())
-            .spawn(move || committer(db, journal, &committer_shared))?;
+            .spawn(move || committer(&committer_shared, [a, b], last + 1, checkpointer))?;
         Ok((
             Store {
                 _closer: Arc::new(Closer(shared.clone())),
@@ -227,27 +251,30 @@ impl Store {
 /// How often an idle committer writes queued mints that no durable write has carried along.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
-/// How often redb is checkpointed while anything changed. A checkpoint writes every page changed
-/// since the last one and syncs; doing it often keeps each one short (a few ms under load, not
-/// the tens of ms that a journal's worth of changes takes), and the batch that finds the journal
-/// full pays for one only if a checkpoint has not come first.
+/// How often a checkpoint is asked for while anything was written. Often, so each is short and a
+/// journal is soon free again.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How soon to try switching journals again when the other one's checkpoint is not done.
+const RETRY_SWITCH: Duration = Duration::from_millis(10);
 
-fn committer(db: Database, mut journal: Journal, shared: &Shared) {
-    let mut last_checkpoint = std::time::Instant::now();
-    let mut changed = false;
-    // False once a batch the journal holds could not be written to redb: no checkpoint may then
-    // claim to include it (it stays in the journal, for the replay at the next start).
-    let mut whole = true;
+fn committer(shared: &Shared, journals: [Journal; 2], next_seq: u64, checkpointer: Checkpointer) {
+    let mut w = Writer {
+        journals,
+        active: 0,
+        next_seq,
+        checkpointer,
+        last_switch: Instant::now(),
+        pending: Pending::default(),
+    };
     loop {
         let (mut batch, closed) = {
             let mut q = shared.lock();
             while q.jobs.is_empty() && !q.closed {
-                if !changed {
+                if w.journals[w.active].is_empty() {
                     q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
-                let due = CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed());
+                let due = CHECKPOINT_EVERY.saturating_sub(w.last_switch.elapsed());
                 if due.is_zero() {
                     break;
                 }
@@ -269,97 +296,358 @@ fn committer(db: Database, mut journal: Journal, shared: &Shared) {
         };
         if !batch.is_empty() {
             let durable = batch.iter().any(|j| j.ack.is_some());
-            let result = write_batch(&db, &mut journal, &batch, durable, whole).map_err(|e| {
+            let acks: Vec<_> = batch.iter_mut().filter_map(|j| j.ack.take()).collect();
+            let entries: Vec<_> = batch.into_iter().map(|j| (j.key, j.value)).collect();
+            let result = w.write(entries, durable).map_err(|e| {
                 tracing::error!(error = %format!("{e:#}"), "store commit failed");
                 "the daemon could not record this durably".to_string()
             });
-            for job in &mut batch {
-                if let Some(ack) = job.ack.take() {
-                    let _ = ack.send(result.clone().map(|_| ()));
-                }
-            }
-            // The waiters have their answer; redb catches up after (it is read only at start,
-            // and the journal holds the batch until a checkpoint does).
-            if result == Ok(false) {
-                if let Err(e) = apply_lazily(&db, &batch) {
-                    tracing::error!(error = %format!("{e:#}"), "store write failed");
-                    whole = false;
-                }
-                changed = true;
+            for ack in acks {
+                let _ = ack.send(result.clone());
             }
         }
-        // The last checkpoint, at a clean shutdown, leaves redb whole and nothing to replay.
-        if whole && (closed || (changed && last_checkpoint.elapsed() >= CHECKPOINT_EVERY)) {
-            match checkpoint(&db, &mut journal, &[]) {
-                Ok(()) => changed = false,
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "store checkpoint failed"),
+        if closed {
+            // The last checkpoint, at a clean shutdown, leaves redb whole and nothing to replay.
+            // No job can come after: the queue closes when the last `Store` handle is gone.
+            if let Err(e) = w.journals[w.active].sync() {
+                tracing::error!(error = %e, "cannot sync the store's journal");
             }
-            last_checkpoint = std::time::Instant::now();
-        }
-        if closed && shared.lock().jobs.is_empty() {
+            w.hand_over();
+            w.checkpointer.send(Work::Finish(w.next_seq - 1));
             return;
         }
-    }
-}
-
-/// Makes one batch durable: one journal record, synced if `durable`; `Ok(false)` means redb has
-/// yet to be written. A batch that does not fit in what is left of the journal is a checkpoint
-/// instead (`Ok(true)`), which only a `whole` store may take.
-fn write_batch(
-    db: &Database,
-    journal: &mut Journal,
-    batch: &[Job],
-    durable: bool,
-    whole: bool,
-) -> Result<bool> {
-    let payload = journal::encode(batch.iter().map(|j| (&j.key, j.value.as_deref())));
-    if !journal.fits(&payload) {
-        anyhow::ensure!(
-            whole,
-            "the journal is full and an earlier write to redb failed"
-        );
-        checkpoint(db, journal, batch)?;
-        return Ok(true);
-    }
-    journal
-        .append(&payload, durable)
-        .context("cannot write the store's journal")?;
-    Ok(false)
-}
-
-/// Writes a batch to redb without a sync.
-fn apply_lazily(db: &Database, batch: &[Job]) -> Result<()> {
-    let mut tx = db.begin_write()?;
-    tx.set_durability(Durability::None)?;
-    apply(&tx, batch)?;
-    tx.commit()?;
-    Ok(())
-}
-
-/// A durable redb commit of `batch` that also notes the last journal record it includes (all of
-/// them: each batch is written to redb before the next is taken); the journal then starts again
-/// from its beginning.
-fn checkpoint(db: &Database, journal: &mut Journal, batch: &[Job]) -> Result<()> {
-    let tx = db.begin_write()?;
-    apply(&tx, batch)?;
-    tx.open_table(META)?
-        .insert(JOURNAL_SEQ, journal.last_seq())?;
-    tx.commit()?;
-    journal.rewind();
-    Ok(())
-}
-
-fn apply(tx: &redb::WriteTransaction, batch: &[Job]) -> Result<()> {
-    let mut table = tx.open_table(TOKENS)?;
-    for job in batch {
-        match &job.value {
-            Some(v) => {
-                table.insert(job.key.as_slice(), v.as_slice())?;
-            }
-            None => {
-                table.remove(job.key.as_slice())?;
-            }
+        let half = !w.journals[w.active].under_half();
+        if !w.journals[w.active].is_empty()
+            && (half || w.last_switch.elapsed() >= CHECKPOINT_EVERY)
+            && let Err(e) = w.switch(false)
+        {
+            tracing::error!(error = %format!("{e:#}"), "cannot switch the store's journal");
         }
     }
-    Ok(())
+}
+
+/// The committer's side of the journals.
+struct Writer {
+    journals: [Journal; 2],
+    active: usize,
+    next_seq: u64,
+    checkpointer: Checkpointer,
+    last_switch: Instant,
+    /// The latest value of each record written since the last checkpoint was asked for.
+    pending: Pending,
+}
+
+impl Writer {
+    /// Makes one batch durable (a journal record, synced if `durable`; or, for a batch too large
+    /// for a journal, a checkpoint that includes it) and hands it to the checkpointer.
+    fn write(&mut self, entries: Vec<([u8; 16], Option<Vec<u8>>)>, durable: bool) -> Result<()> {
+        let payload = journal::encode(entries.iter().map(|(k, v)| (k, v.as_deref())));
+        if !journal::fits_empty(&payload) {
+            // Straight to redb (a revocation of very many tokens): what the journal holds is
+            // synced first, then one checkpoint includes this batch, and it is waited for.
+            self.journals[self.active].sync()?;
+            self.pending.add(entries.into_iter());
+            self.hand_over();
+            self.checkpointer.ask(self.next_seq - 1, self.active);
+            anyhow::ensure!(
+                self.checkpointer.is_free(self.active, true),
+                "redb could not be checkpointed (see the error before this one)"
+            );
+            self.journals[self.active].rewind();
+            return Ok(());
+        }
+        if !self.journals[self.active].fits(&payload) {
+            // The other journal must be free first: wait for its checkpoint if need be.
+            self.switch(true)?;
+        }
+        self.journals[self.active]
+            .append(self.next_seq, &payload, durable)
+            .context("cannot write the store's journal")?;
+        self.next_seq += 1;
+        // Kept here until the next checkpoint: handing each batch over would wake the
+        // checkpointer's thread once per write.
+        self.pending.add(entries.into_iter());
+        Ok(())
+    }
+
+    /// Gives what was written since the last checkpoint to the checkpointer.
+    fn hand_over(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        self.checkpointer.send(Work::Batch(batch));
+    }
+
+    /// Asks for a checkpoint of everything written so far and moves to the other journal, if its
+    /// own checkpoint is done; else stays (or, with `must`, waits for it).
+    fn switch(&mut self, must: bool) -> Result<()> {
+        let other = 1 - self.active;
+        if !self.checkpointer.is_free(other, must) {
+            anyhow::ensure!(
+                !must,
+                "the store's journals are full and redb could not be checkpointed (see the error \
+                 before this one)"
+            );
+            // Try again shortly (its checkpoint is still being written), not at once.
+            let now = Instant::now();
+            self.last_switch = now
+                .checked_sub(CHECKPOINT_EVERY - RETRY_SWITCH)
+                .unwrap_or(now);
+            return Ok(());
+        }
+        // Records written without a sync must be on disk before any record goes to the other
+        // journal: otherwise a crash could lose them while keeping later ones, and the replay,
+        // which stops at the first gap, would then drop acknowledged writes.
+        self.journals[self.active].sync()?;
+        self.hand_over();
+        self.checkpointer.ask(self.next_seq - 1, self.active);
+        self.journals[other].rewind();
+        self.active = other;
+        self.last_switch = Instant::now();
+        Ok(())
+    }
+}
+
+/// The latest value of each record changed since the last checkpoint.
+#[derive(Default)]
+struct Pending(std::collections::HashMap<[u8; 16], Option<Vec<u8>>>);
+
+impl Pending {
+    fn add(&mut self, entries: impl Iterator<Item = ([u8; 16], Option<Vec<u8>>)>) {
+        self.0.extend(entries);
+    }
+
+    /// One durable redb commit of every pending record, noting `seq` as the last journal record
+    /// it includes.
+    fn checkpoint(&mut self, db: &Database, seq: u64) -> Result<()> {
+        let tx = db.begin_write()?;
+        {
+            let mut table = tx.open_table(TOKENS)?;
+            for (key, value) in &self.0 {
+                match value {
+                    Some(v) => {
+                        table.insert(key.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        table.remove(key.as_slice())?;
+                    }
+                }
+            }
+        }
+        tx.open_table(META)?.insert(JOURNAL_SEQ, seq)?;
+        tx.commit()?;
+        self.0.clear();
+        Ok(())
+    }
+}
+
+enum Work {
+    /// What was written since the last checkpoint, for the next one.
+    Batch(Pending),
+    /// Checkpoint through this record; then the journal with this index is free.
+    Checkpoint(u64, usize),
+    /// The last checkpoint; then stop.
+    Finish(u64),
+}
+
+struct Free {
+    journals: [bool; 2],
+    failed: bool,
+}
+
+/// The thread that owns redb: gathers batches, writes them at each checkpoint, and says which
+/// journals a checkpoint has freed.
+struct Checkpointer {
+    tx: Option<std::sync::mpsc::Sender<Work>>,
+    /// Which journals a checkpoint holds, and whether checkpoints have failed (then none is
+    /// free again, and nobody waits for one).
+    free: Arc<(Mutex<Free>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(db: Database) -> Result<Checkpointer> {
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let free = Arc::new((
+            Mutex::new(Free {
+                journals: [true, true],
+                failed: false,
+            }),
+            Condvar::new(),
+        ));
+        let freed = free.clone();
+        let thread = std::thread::Builder::new()
+            .name("till-checkpoint".into())
+            .spawn(move || {
+                let mut pending = Pending::default();
+                // After a failed checkpoint no later one may claim to include its records: the
+                // journals keep them for the replay at the next start, and stay busy.
+                let mut failed = false;
+                for work in rx {
+                    match work {
+                        Work::Batch(batch) => pending.add(batch.0.into_iter()),
+                        Work::Checkpoint(seq, journal) if !failed => {
+                            match pending.checkpoint(&db, seq) {
+                                Ok(()) => {
+                                    let (lock, cv) = &*freed;
+                                    lock.lock().unwrap_or_else(|e| e.into_inner()).journals
+                                        [journal] = true;
+                                    cv.notify_all();
+                                }
+                                Err(e) => {
+                                    failed = true;
+                                    tracing::error!(error = %format!("{e:#}"), "store checkpoint failed");
+                                    let (lock, cv) = &*freed;
+                                    lock.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+                                    cv.notify_all();
+                                }
+                            }
+                        }
+                        Work::Checkpoint(..) => {}
+                        Work::Finish(seq) => {
+                            if !failed
+                                && let Err(e) = pending.checkpoint(&db, seq)
+                            {
+                                tracing::error!(error = %format!("{e:#}"), "store checkpoint failed");
+                            }
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            tx: Some(tx),
+            free,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, work: Work) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(work);
+        }
+    }
+
+    /// Whether journal `i` has been checkpointed (with `wait`, waits until it has).
+    fn is_free(&self, i: usize, wait: bool) -> bool {
+        let (lock, cv) = &*self.free;
+        let mut free = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while wait && !free.journals[i] && !free.failed {
+            free = cv.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        free.journals[i]
+    }
+
+    /// Asks for a checkpoint through `seq`, after which journal `journal` is free.
+    fn ask(&self, seq: u64, journal: usize) {
+        self.free
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .journals[journal] = false;
+        self.send(Work::Checkpoint(seq, journal));
+    }
+}
+
+impl Drop for Checkpointer {
+    /// Waits for the thread: after `Work::Finish`, or else (a panic, a test) as if the process
+    /// had died there, with what is pending left to the journals.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u32, note: usize) -> ([u8; 16], Option<Vec<u8>>) {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let r = TokenRecord {
+            id,
+            key_id: "0011223344556677".into(),
+            service: "openai".into(),
+            rules: vec!["POST /v1/chat/completions".into()],
+            uses: 10,
+            used: i % 10,
+            issued_at: 1_700_000_000,
+            expires_at: None,
+            parent: None,
+            holder_uid: None,
+            minted_by_uid: None,
+            note: Some("n".repeat(note)),
+            revoked_at: None,
+            last_used_at: None,
+            canary: false,
+        };
+        (id, Some(serde_json::to_vec(&r).expect("json")))
+    }
+
+    /// A writer over the store in `dir`, as `Store::open` makes it; dropping it is a crash.
+    fn writer(dir: &Path) -> Writer {
+        let db = Database::create(dir.join("till.redb")).expect("db");
+        let tx = db.begin_write().expect("tx");
+        tx.open_table(TOKENS).expect("table");
+        tx.commit().expect("commit");
+        let j = |n: &str| Journal::open(&dir.join(n)).expect("journal").0;
+        Writer {
+            journals: [j(JOURNALS[0]), j(JOURNALS[1])],
+            active: 0,
+            next_seq: 1,
+            checkpointer: Checkpointer::start(db).expect("checkpointer"),
+            last_switch: Instant::now(),
+            pending: Pending::default(),
+        }
+    }
+
+    fn stored(dir: &Path) -> std::collections::BTreeMap<[u8; 16], u32> {
+        let (store, records, thread) = Store::open(dir).expect("reopen");
+        drop(store);
+        thread.join().expect("committer");
+        records.into_iter().map(|r| (r.id, r.used)).collect()
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_a_crash_across_both_journals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        for i in 0..300 {
+            w.write(vec![record(i, 10)], true).expect("write");
+            if i == 100 || i == 200 {
+                // A checkpoint of the first journal, then (if it is done) back to it.
+                w.switch(true).expect("switch");
+            }
+        }
+        // Later values of the same records, and a removal.
+        w.write(vec![record(1_000_005, 10)], true).expect("write");
+        w.write(vec![(record(7, 10).0, None)], true).expect("write");
+        drop(w);
+        let got = stored(dir.path());
+        assert_eq!(
+            got.len(),
+            300,
+            "every record, less the removed one, plus one"
+        );
+        assert!(!got.contains_key(&record(7, 10).0));
+        assert_eq!(got[&record(1_000_005, 10).0], 5);
+        assert_eq!(got[&record(299, 10).0], 9);
+    }
+
+    #[test]
+    fn a_batch_too_large_for_a_journal_goes_straight_to_redb() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        w.write(vec![record(1, 10)], true).expect("write");
+        let big: Vec<_> = (100..9_100).map(|i| record(i, 1_000)).collect();
+        assert!(!journal::fits_empty(&journal::encode(
+            big.iter().map(|(k, v)| (k, v.as_deref()))
+        )));
+        w.write(big, true).expect("write");
+        w.write(vec![record(2, 10)], true).expect("write");
+        drop(w);
+        let got = stored(dir.path());
+        assert_eq!(got.len(), 9_002);
+    }
 }
