@@ -457,8 +457,8 @@ struct Free {
 /// journals a checkpoint has freed.
 struct Checkpointer {
     tx: Option<std::sync::mpsc::Sender<Work>>,
-    /// Which journals a checkpoint holds, and whether checkpoints have failed (then none is
-    /// free again, and nobody waits for one).
+    /// Which journals a checkpoint holds, and whether checkpoints have failed or the thread is
+    /// gone (then none is free again, and nobody waits for one: durable writes fail instead).
     free: Arc<(Mutex<Free>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
@@ -477,6 +477,16 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("till-checkpoint".into())
             .spawn(move || {
+                // However this thread ends (a panic included), nobody may wait for it any more.
+                struct Gone(Arc<(Mutex<Free>, Condvar)>);
+                impl Drop for Gone {
+                    fn drop(&mut self) {
+                        let (lock, cv) = &*self.0;
+                        lock.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+                        cv.notify_all();
+                    }
+                }
+                let _gone = Gone(freed.clone());
                 let mut pending = Pending::default();
                 // After a failed checkpoint no later one may claim to include its records: the
                 // journals keep them for the replay at the next start, and stay busy.
