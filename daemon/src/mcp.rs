@@ -351,8 +351,12 @@ async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: 
 
     let mut first = [0u8; 1];
     let (n, fds) = loop {
-        if stream.readable().await.is_err() {
-            return;
+        tokio::select! {
+            r = stream.readable() => if r.is_err() {
+                return;
+            },
+            // A client that connects and says nothing must not hold up a shutdown.
+            _ = shutdown.cancelled() => return,
         }
         match stream.try_io(tokio::io::Interest::READABLE, || {
             crate::sys::recv_with_fds(stream.as_fd(), &mut first)

@@ -500,12 +500,31 @@ async fn socket_is_0600_single_instance_and_stale_socket_is_replaced() {
 async fn sigterm_shuts_down_cleanly() {
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);
-    d.client().await.status().await.expect("status");
+    let mut c = d.client().await;
+    c.status().await.expect("status");
+    // Clients that connected and said nothing do not hold the shutdown up (once the daemon has
+    // accepted them: its descriptor count shows it).
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+            .expect("fd dir")
+            .count()
+    };
+    let before = open_fds();
+    let _idle = std::os::unix::net::UnixStream::connect(&d.socket).expect("idle native client");
+    let _idle_mcp =
+        std::os::unix::net::UnixStream::connect(d.dir.join("mcp.sock")).expect("idle mcp client");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while open_fds() < before + 2 {
+        assert!(std::time::Instant::now() < deadline, "not accepted");
+        tokio::task::yield_now().await;
+    }
+    drop(c);
     let status = d.terminate();
     assert!(status.success(), "exit status {status}");
     assert!(!d.socket.exists(), "the socket is removed");
     let audit = d.audit_text();
     assert!(audit.contains("\"event\":\"start\"") && audit.contains("\"event\":\"stop\""));
+    assert!(audit.contains("clean shutdown"), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
