@@ -114,6 +114,31 @@ pub struct Inner {
     bursts: crate::alerts::Bursts,
     mismatched: Mutex<std::collections::HashSet<TokenId>>,
     tokens: Mutex<HashMap<TokenId, TokenRecord>>,
+    /// Calls between the start of their checks and their upstream answer's headers (see
+    /// [`CallInFlight`]).
+    calls_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a call in flight for as long as it lives. A call that finds itself alone may write its
+/// own activation to the journal on its own thread (see `store::Durable::wait`).
+pub struct CallInFlight(Broker);
+
+impl CallInFlight {
+    /// Whether this is the only call in flight.
+    pub fn alone(&self) -> bool {
+        self.0
+            .calls_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    }
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0
+            .calls_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone)]
@@ -153,7 +178,14 @@ impl Broker {
             bursts: crate::alerts::Bursts::default(),
             mismatched: Mutex::new(std::collections::HashSet::new()),
             tokens: Mutex::new(tokens),
+            calls_in_flight: std::sync::atomic::AtomicUsize::new(0),
         })))
+    }
+
+    pub fn call_in_flight(&self) -> CallInFlight {
+        self.calls_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CallInFlight(self.clone())
     }
 
     /// The config and services being served now (a snapshot; cheap).

@@ -7,8 +7,11 @@
 //!
 //! Two threads. The committer (`till-store`) takes every job waiting in the queue and writes them as
 //! one journal record (group commit: under 16 concurrent activations, one fsync for up to 16 of
-//! them). A job with an `ack` needs durability (an activation, a revocation): it wakes the committer,
-//! and its record is synced (the sync also carries every record before it). A mint does not wake
+//! them). A job with an `ack` needs durability (an activation, a revocation), and its record is
+//! synced (the sync also carries every record before it). An activation that is the only call in
+//! flight writes the queue itself, on its own thread, when nobody else is writing: no wake-up of
+//! the committer and no answer handed back across threads (see `Durable::wait_or_lead`). Otherwise
+//! its waiter wakes the committer. A mint does not wake
 //! anyone (a thread wake-up costs more than the mint itself on a small VM); it rides along with the
 //! next durable batch, or the committer's idle tick writes it without a sync. The committer also
 //! keeps the latest value of each record written since the last checkpoint, and hands them over
@@ -78,16 +81,48 @@ struct Job {
 struct Queue {
     jobs: Vec<Job>,
     closed: bool,
+    /// When the journal being written got its first record since the last switch (`None`: it
+    /// has none). A copy of the writer's state, for the committer's timed wait.
+    unswitched_since: Option<Instant>,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// The journals' side. Lock order: `writer`, then `queue`; never the other way.
+    writer: Mutex<Writer>,
+    /// Durable writes queued and not yet waited for to the end.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes everything queued and writes it; acks the waiters. Called with the writer held.
+    fn write_queued(&self, w: &mut Writer) -> bool {
+        let mut batch = std::mem::take(&mut self.lock().jobs);
+        if batch.is_empty() {
+            return false;
+        }
+        let durable = batch.iter().any(|j| j.ack.is_some());
+        let acks: Vec<_> = batch.iter_mut().filter_map(|j| j.ack.take()).collect();
+        let entries: Vec<_> = batch.into_iter().map(|j| (j.key, j.value)).collect();
+        let result = w.write(entries, durable).map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "store commit failed");
+            "the daemon could not record this durably".to_string()
+        });
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+        self.mirror(w);
+        true
+    }
+
+    fn mirror(&self, w: &Writer) {
+        let since = (!w.journals[w.active].is_empty()).then_some(w.last_switch);
+        self.lock().unswitched_since = since;
     }
 }
 
@@ -107,14 +142,59 @@ pub struct Store {
     _closer: Arc<Closer>,
 }
 
-/// Waits for a durable write; dropping it does not cancel the write.
-pub struct Durable(oneshot::Receiver<Result<(), String>>);
+/// Waits for a durable write; dropping it does not cancel the write (the committer writes it).
+#[must_use = "a durable write is led by its waiter; dropped, it waits for the committer"]
+pub struct Durable {
+    rx: Option<oneshot::Receiver<Result<(), String>>>,
+    shared: Arc<Shared>,
+}
 
 impl Durable {
+    /// Waits for the committer to write it.
     pub async fn wait(self) -> Result<(), String> {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err("the store's committer has stopped".into()))
+        self.wait_or_lead(false).await
+    }
+
+    /// With `alone` (the caller is the only request in flight) and no other durable write
+    /// waiting, writes everything queued (this write included) on this thread: no thread is
+    /// woken and no answer handed across threads, which on a small VM costs a third as much as
+    /// the sync itself. It blocks this thread for the sync, which is why it is only done when
+    /// nothing else could want the thread; under load the committer writes (group commit).
+    pub async fn wait_or_lead(mut self, alone: bool) -> Result<(), String> {
+        let rx = self.rx.take();
+        let led = alone
+            && self
+                .shared
+                .waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+            && match self.shared.writer.try_lock() {
+                Ok(mut w) => {
+                    self.shared.write_queued(&mut w);
+                    true
+                }
+                Err(_) => false,
+            };
+        if !led {
+            self.shared.wake.notify_one();
+        }
+        match rx {
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err("the store's committer has stopped".into())),
+            None => Err("the store's committer has stopped".into()),
+        }
+    }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        self.shared
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.rx.is_some() {
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -177,21 +257,31 @@ impl Store {
                 }
             }
         }
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                jobs: Vec::new(),
-                closed: false,
-            }),
-            wake: Condvar::new(),
-        });
         let checkpointer = Checkpointer::start(db)?;
         let [a, b]: [Journal; 2] = journals
             .try_into()
             .map_err(|_| anyhow::anyhow!("two journals"))?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: Vec::new(),
+                closed: false,
+                unswitched_since: None,
+            }),
+            wake: Condvar::new(),
+            writer: Mutex::new(Writer {
+                journals: [a, b],
+                active: 0,
+                next_seq: last + 1,
+                checkpointer,
+                last_switch: Instant::now(),
+                pending: Pending::default(),
+            }),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        });
         let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("till-store".into())
-            .spawn(move || committer(&committer_shared, [a, b], last + 1, checkpointer))?;
+            .spawn(move || committer(&committer_shared))?;
         Ok((
             Store {
                 _closer: Arc::new(Closer(shared.clone())),
@@ -223,13 +313,14 @@ impl Store {
         value: Option<Vec<u8>>,
         ack: Option<oneshot::Sender<Result<(), String>>>,
     ) {
-        let durable = ack.is_some();
+        let lazy = ack.is_none();
         let mut q = self.shared.lock();
         let was_empty = q.jobs.is_empty();
         q.jobs.push(Job { key, value, ack });
         drop(q);
-        // A durable job wakes the committer now; the first lazy job starts its idle tick.
-        if durable || was_empty {
+        // The first lazy job starts the committer's idle tick. A durable job is led by its waiter
+        // (see `Durable::wait`), which wakes the committer only if it cannot write itself.
+        if lazy && was_empty {
             self.shared.wake.notify_one();
         }
     }
@@ -243,8 +334,14 @@ impl Store {
     /// Queues a write that must be durable; await the result before acting on it.
     pub fn put_durable(&self, record: &TokenRecord) -> Durable {
         let (ack, rx) = oneshot::channel();
+        self.shared
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.push(record, Some(ack));
-        Durable(rx)
+        Durable {
+            rx: Some(rx),
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -257,24 +354,19 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// How soon to try switching journals again when the other one's checkpoint is not done.
 const RETRY_SWITCH: Duration = Duration::from_millis(10);
 
-fn committer(shared: &Shared, journals: [Journal; 2], next_seq: u64, checkpointer: Checkpointer) {
-    let mut w = Writer {
-        journals,
-        active: 0,
-        next_seq,
-        checkpointer,
-        last_switch: Instant::now(),
-        pending: Pending::default(),
-    };
+/// The committer thread: writes what no waiter led (batches queued while another was being
+/// written, durable writes nobody waits for), lazy mints after an idle tick, the periodic journal
+/// switches, and the last batch.
+fn committer(shared: &Shared) {
     loop {
-        let (mut batch, closed) = {
+        let closed = {
             let mut q = shared.lock();
             while q.jobs.is_empty() && !q.closed {
-                if w.journals[w.active].is_empty() {
+                let Some(since) = q.unswitched_since else {
                     q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                     continue;
-                }
-                let due = CHECKPOINT_EVERY.saturating_sub(w.last_switch.elapsed());
+                };
+                let due = CHECKPOINT_EVERY.saturating_sub(since.elapsed());
                 if due.is_zero() {
                     break;
                 }
@@ -292,28 +384,20 @@ fn committer(shared: &Shared, journals: [Journal; 2], next_seq: u64, checkpointe
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            (std::mem::take(&mut q.jobs), q.closed)
+            q.closed
         };
-        if !batch.is_empty() {
-            let durable = batch.iter().any(|j| j.ack.is_some());
-            let acks: Vec<_> = batch.iter_mut().filter_map(|j| j.ack.take()).collect();
-            let entries: Vec<_> = batch.into_iter().map(|j| (j.key, j.value)).collect();
-            let result = w.write(entries, durable).map_err(|e| {
-                tracing::error!(error = %format!("{e:#}"), "store commit failed");
-                "the daemon could not record this durably".to_string()
-            });
-            for ack in acks {
-                let _ = ack.send(result.clone());
-            }
-        }
+        let mut w = shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        shared.write_queued(&mut w);
         if closed {
             // The last checkpoint, at a clean shutdown, leaves redb whole and nothing to replay.
-            // No job can come after: the queue closes when the last `Store` handle is gone.
+            // No job can come after: the queue closes when the last `Store` handle is gone, and
+            // a `Durable` holds no handle.
             if let Err(e) = w.journals[w.active].sync() {
                 tracing::error!(error = %e, "cannot sync the store's journal");
             }
             w.hand_over();
             w.checkpointer.send(Work::Finish(w.next_seq - 1));
+            w.checkpointer.join();
             return;
         }
         let half = !w.journals[w.active].under_half();
@@ -323,6 +407,7 @@ fn committer(shared: &Shared, journals: [Journal; 2], next_seq: u64, checkpointe
         {
             tracing::error!(error = %format!("{e:#}"), "cannot switch the store's journal");
         }
+        shared.mirror(&w);
     }
 }
 
@@ -557,14 +642,21 @@ impl Checkpointer {
     }
 }
 
-impl Drop for Checkpointer {
-    /// Waits for the thread: after `Work::Finish`, or else (a panic, a test) as if the process
-    /// had died there, with what is pending left to the journals.
-    fn drop(&mut self) {
+impl Checkpointer {
+    /// Waits for the thread: after `Work::Finish`, once the last checkpoint is written; else (a
+    /// panic, a test) as if the process had died there, with what is pending left to the
+    /// journals.
+    fn join(&mut self) {
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.join();
     }
 }
 
@@ -643,6 +735,38 @@ mod tests {
         assert!(!got.contains_key(&record(7, 10).0));
         assert_eq!(got[&record(1_000_005, 10).0], 5);
         assert_eq!(got[&record(299, 10).0], 9);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_led_by_their_waiters_and_by_the_committer_all_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _, thread) = Store::open(dir.path()).expect("open");
+        let rec = |i: u32| {
+            let (_, v) = record(i, 10);
+            serde_json::from_slice::<TokenRecord>(&v.expect("value")).expect("record")
+        };
+        // Alone: each write is led by its waiter.
+        for i in 0..50 {
+            store
+                .put_durable(&rec(i))
+                .wait_or_lead(true)
+                .await
+                .expect("led write");
+        }
+        // Many at once, some offering to lead: whoever writes, every one is acknowledged.
+        let tasks: Vec<_> = (50..250)
+            .map(|i| {
+                let s = store.clone();
+                let r = rec(i);
+                tokio::spawn(async move { s.put_durable(&r).wait_or_lead(i % 2 == 0).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("write");
+        }
+        drop(store);
+        thread.join().expect("committer");
+        assert_eq!(stored(dir.path()).len(), 250);
     }
 
     #[test]

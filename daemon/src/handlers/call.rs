@@ -9,7 +9,7 @@ use till_protocol::{
 };
 
 use crate::audit::{Event, EventKind, PeerJson};
-use crate::broker::{Broker, Refusal};
+use crate::broker::{Broker, CallInFlight, Refusal};
 use crate::handlers::mint::{claims_for, mint_event};
 use crate::peer::Peer;
 use crate::proxy::{self, Outgoing, ProxyError};
@@ -38,6 +38,8 @@ pub struct Activation {
     pub method: Method,
     pub path: RequestPath,
     pub remaining: u32,
+    /// Counts this call in flight until the caller is done with it (upstream answer included).
+    _in_flight: CallInFlight,
 }
 
 /// Runs every check, takes one activation, commits it durably and audits it. Nothing has been
@@ -47,6 +49,7 @@ pub async fn activate(
     peer: &Peer,
     target: CallTarget<'_>,
 ) -> Result<Activation, Refusal> {
+    let in_flight = b.call_in_flight();
     let mut event = Event {
         service: target.service.map(str::to_owned),
         method: Some(target.method.chars().take(16).collect()),
@@ -84,7 +87,7 @@ pub async fn activate(
     // thread (this one would only wait); both are done before a byte goes upstream. If the commit
     // fails, a `deny` line follows, saying the activation was given back and nothing was sent.
     let audited = b.audit(EventKind::Activate, event.clone());
-    if let Err(e) = durable.wait().await {
+    if let Err(e) = durable.wait_or_lead(in_flight.alone()).await {
         b.unreserve(claims.id);
         let refusal = Refusal::internal(format!(
             "{e}; the activation was given back and nothing was sent upstream"
@@ -103,6 +106,7 @@ pub async fn activate(
         method,
         path,
         remaining,
+        _in_flight: in_flight,
     })
 }
 
