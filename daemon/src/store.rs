@@ -143,7 +143,7 @@ pub struct Store {
 }
 
 /// Waits for a durable write; dropping it does not cancel the write (the committer writes it).
-#[must_use = "a durable write is led by its waiter; dropped, it waits for the committer"]
+#[must_use = "await it before acting on the write (dropped, the committer still writes it)"]
 pub struct Durable {
     rx: Option<oneshot::Receiver<Result<(), String>>>,
     shared: Arc<Shared>,
