@@ -81,8 +81,8 @@ struct Job {
 struct Queue {
     jobs: Vec<Job>,
     closed: bool,
-    /// When the journal being written got its first record since the last switch (`None`: it
-    /// has none). A copy of the writer's state, for the committer's timed wait.
+    /// When the journal being written was switched to, if it holds any record yet (`None`: it
+    /// holds none). A copy of the writer's state, for the committer's timed wait.
     unswitched_since: Option<Instant>,
 }
 
@@ -101,10 +101,10 @@ impl Shared {
     }
 
     /// Takes everything queued and writes it; acks the waiters. Called with the writer held.
-    fn write_queued(&self, w: &mut Writer) -> bool {
+    fn write_queued(&self, w: &mut Writer) {
         let mut batch = std::mem::take(&mut self.lock().jobs);
         if batch.is_empty() {
-            return false;
+            return;
         }
         let durable = batch.iter().any(|j| j.ack.is_some());
         let acks: Vec<_> = batch.iter_mut().filter_map(|j| j.ack.take()).collect();
@@ -117,12 +117,21 @@ impl Shared {
             let _ = ack.send(result.clone());
         }
         self.mirror(w);
-        true
     }
 
+    /// Copies the writer's state for the committer. When the journal gets its first record, the
+    /// committer is woken to start the timed wait for the next switch: a write led by its waiter
+    /// does not otherwise wake it, and without this a daemon whose writes were all led would
+    /// only switch (and checkpoint) when a journal filled up.
     fn mirror(&self, w: &Writer) {
         let since = (!w.journals[w.active].is_empty()).then_some(w.last_switch);
-        self.lock().unswitched_since = since;
+        let mut q = self.lock();
+        let started = q.unswitched_since.is_none() && since.is_some();
+        q.unswitched_since = since;
+        drop(q);
+        if started {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -767,6 +776,28 @@ mod tests {
         drop(store);
         thread.join().expect("committer");
         assert_eq!(stored(dir.path()).len(), 250);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_led_by_their_waiters_are_still_checkpointed_on_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _, thread) = Store::open(dir.path()).expect("open");
+        let (_, v) = record(1, 10);
+        let r: TokenRecord = serde_json::from_slice(&v.expect("value")).expect("record");
+        store
+            .put_durable(&r)
+            .wait_or_lead(true)
+            .await
+            .expect("led write");
+        // The committer switches journals (asking for a checkpoint) once CHECKPOINT_EVERY has
+        // passed, though no write woke it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.shared.writer.lock().expect("writer").active == 0 {
+            assert!(Instant::now() < deadline, "no switch after a led write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(store);
+        thread.join().expect("committer");
     }
 
     #[test]
