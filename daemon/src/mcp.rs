@@ -334,10 +334,6 @@ pub async fn serve(
     .await;
 }
 
-/// The first byte of a hand-off: `till mcp` sends it with its stdin and stdout attached. It can
-/// never start a JSON-RPC stream, so anything else is a client speaking MCP on the socket itself.
-pub const HANDOFF: u8 = 0;
-
 type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
@@ -372,14 +368,14 @@ async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: 
     if n == 0 {
         return;
     }
-    if first[0] != HANDOFF {
+    if first[0] != till_protocol::MCP_HANDOFF {
         if !fds.is_empty() {
             tracing::debug!("descriptors sent without a hand-off; closing");
             return;
         }
         let (r, w) = stream.into_split();
         let r: Reader = Box::new(std::io::Cursor::new(first).chain(r));
-        serve_until_done(server, r, Box::new(w), None, shutdown).await;
+        serve_until_done(server, r, Box::new(w), std::future::pending(), shutdown).await;
         return;
     }
     let stdio = match <[std::os::fd::OwnedFd; 2]>::try_from(fds) {
@@ -397,7 +393,7 @@ async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: 
                 let mut b = [0u8; 64];
                 while matches!(lifeline.read(&mut b).await, Ok(n) if n > 0) {}
             };
-            serve_until_done(server, r, w, Some(Box::pin(gone)), shutdown).await;
+            serve_until_done(server, r, w, gone, shutdown).await;
         }
         Err(why) => {
             let _ = stream.write_all(format!("no: {why}\n").as_bytes()).await;
@@ -446,15 +442,9 @@ async fn serve_until_done(
     server: TillMcp,
     r: Reader,
     w: Writer,
-    gone: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    gone: impl std::future::Future<Output = ()>,
     shutdown: CancellationToken,
 ) {
-    let gone = async move {
-        match gone {
-            Some(g) => g.await,
-            None => std::future::pending().await,
-        }
-    };
     let running = match server.serve((r, w)).await {
         Ok(r) => r,
         Err(e) => {

@@ -11,6 +11,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Hard limit on one frame, checked against the length prefix before anything is allocated.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
+/// On `mcp.sock`, the first byte of a hand-off: `till mcp` sends it with its stdin and stdout
+/// attached (`SCM_RIGHTS`), and the daemon answers `ok\n` or `no: <why>\n`. A JSON-RPC stream never
+/// starts with it, so any other first byte is a client speaking MCP on the socket itself.
+pub const MCP_HANDOFF: u8 = 0;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {

@@ -79,7 +79,7 @@ fn hand_off(stream: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
     use std::io::BufRead;
     send_with_fds(
         stream,
-        HANDOFF,
+        till_client::till_protocol::MCP_HANDOFF,
         &[std::io::stdin().as_fd(), std::io::stdout().as_fd()],
     )?;
     let mut answer = String::new();
@@ -93,14 +93,13 @@ fn hand_off(stream: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
             format!("the daemon did not take stdio over: {why}")
         }));
     }
-    // The session runs in the daemon now. Block until it closes the lifeline.
+    // The session runs in the daemon now. Block until it closes the lifeline; however that
+    // ends (an error included: the daemon died), it is not a reason to relay, since the host is
+    // mid-session and a relay would start it over.
     let mut sink = [0u8; 64];
-    while std::io::Read::read(&mut reader, &mut sink)? > 0 {}
+    while matches!(std::io::Read::read(&mut reader, &mut sink), Ok(n) if n > 0) {}
     Ok(())
 }
-
-/// The hand-off byte (the daemon's `mcp::HANDOFF`): a JSON-RPC stream never starts with it.
-const HANDOFF: u8 = 0;
 
 /// One byte with `fds` attached (`SCM_RIGHTS`); the daemon gets its own copies of them.
 #[allow(unsafe_code)]
