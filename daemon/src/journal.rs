@@ -1,6 +1,6 @@
 //! The store's journals: what makes a durable write one small in-place write and one
-//! `fdatasync`, instead of a B-tree commit (on this machine 6–9 scattered page writes and a header
-//! before the sync, 1.5–2× the cost of syncing one block).
+//! `fdatasync`, instead of a B-tree commit (on this machine about 9 scattered page writes before
+//! the sync, 1.5–2× the cost of syncing one block).
 //!
 //! A journal is a fixed-size file, zero-filled when created, so writing into it never changes its
 //! size or block allocation and `fdatasync` has no metadata to commit. Every batch of store writes
