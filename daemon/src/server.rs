@@ -5,17 +5,16 @@
 //! and the connection is closed (the stream cannot be resynchronised). Logs carry sizes and kinds,
 //! never payload bytes.
 
-use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use till_protocol::io::{FrameError, FrameStream, InFlight};
 use till_protocol::{
     ErrorCode, ErrorReply, HelloReply, MAX_FRAME_BYTES, PROTOCOL_VERSION, Request, Response,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -24,11 +23,18 @@ use crate::broker::Broker;
 use crate::handlers::dispatch;
 use crate::peer::Peer;
 
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(MAX_FRAME_BYTES)
-        .new_codec()
+/// How long a connection keeps reading its socket directly after a reply, for the next request
+/// (see `till_protocol::io`). Covers a client that turns a reply into its next request without
+/// sleeping; a slower one costs this much CPU once, then waits as usual.
+const BUSY_POLL: Duration = Duration::from_micros(100);
+
+/// Requests of the native socket being handled right now, all connections together.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Busy-poll only when the daemon has nothing else to do: under load the next request comes anyway,
+/// and the CPU is better spent on the ones in flight.
+fn idle() -> bool {
+    IN_FLIGHT.load(Ordering::Relaxed) == 0
 }
 
 /// Takes the single-instance lock for `socket` (a `flock` on `<socket>.lock`), held as long as the
@@ -153,39 +159,20 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     })
 }
 
-async fn send(
-    framed: &mut Framed<UnixStream, LengthDelimitedCodec>,
-    resp: &Response,
-) -> io::Result<()> {
-    let json = serde_json::to_vec(resp).map_err(io::Error::other)?;
-    framed.send(Bytes::from(json)).await
-}
-
 /// What a broken frame means to the peer; the connection closes after it.
-fn frame_error(e: &io::Error) -> Response {
-    let msg = e.to_string();
-    if msg.contains("frame size too big") {
-        error(
-            ErrorCode::BadFrame,
-            format!(
-                "frame larger than the limit of {MAX_FRAME_BYTES} bytes; closing the connection"
-            ),
-        )
-    } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("bytes remaining") {
-        error(
-            ErrorCode::BadFrame,
-            "truncated frame: the connection ended mid-frame",
-        )
-    } else {
-        error(
-            ErrorCode::BadFrame,
-            "unreadable frame; closing the connection",
-        )
-    }
+fn frame_error(e: &FrameError) -> Response {
+    let message = match e {
+        FrameError::TooBig(_) => format!(
+            "frame larger than the limit of {MAX_FRAME_BYTES} bytes; closing the connection"
+        ),
+        FrameError::Truncated => "truncated frame: the connection ended mid-frame".to_owned(),
+        FrameError::Io(_) => "unreadable frame; closing the connection".to_owned(),
+    };
+    error(ErrorCode::BadFrame, message)
 }
 
 async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: CancellationToken) {
-    let mut framed = Framed::new(stream, codec());
+    let mut framed = FrameStream::new(stream).busy_poll(BUSY_POLL, idle);
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
         f = framed.next() => f,
@@ -194,7 +181,7 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
         None => return,
         Some(Err(e)) => {
             tracing::debug!(error = %e, "bad first frame");
-            let _ = send(&mut framed, &frame_error(&e)).await;
+            let _ = framed.send_json(&frame_error(&e)).await;
             return;
         }
         Some(Ok(bytes)) => serde_json::from_slice::<Request>(&bytes),
@@ -225,14 +212,14 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
         )),
     };
     if let Some(r) = reply {
-        let _ = send(&mut framed, &r).await;
+        let _ = framed.send_json(&r).await;
         return;
     }
     let hello = Response::Hello(HelloReply {
         protocol_version: PROTOCOL_VERSION,
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
     });
-    if send(&mut framed, &hello).await.is_err() {
+    if framed.send_json(&hello).await.is_err() {
         return;
     }
     loop {
@@ -244,11 +231,14 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
             None => break,
             Some(Err(e)) => {
                 tracing::info!(error = %e, "broken frame; closing");
-                let _ = send(&mut framed, &frame_error(&e)).await;
+                let _ = framed.send_json(&frame_error(&e)).await;
                 break;
             }
             Some(Ok(b)) => b,
         };
+        // Counted while the request is handled; released before the reply goes out, so the
+        // busy-poll window that sending opens sees this connection as idle.
+        let handling = InFlight::start(&IN_FLIGHT);
         let resp = match serde_json::from_slice::<Request>(&bytes) {
             Ok(req) => {
                 let verb = req.verb();
@@ -265,7 +255,8 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
                 error(ErrorCode::BadFrame, format!("not a valid request: {e}"))
             }
         };
-        if send(&mut framed, &resp).await.is_err() {
+        drop(handling);
+        if framed.send_json(&resp).await.is_err() {
             break;
         }
     }
