@@ -21,10 +21,9 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use till_protocol::io::{FrameStream, InFlight};
+use till_protocol::io::{BusyPoll, FrameStream};
 use till_protocol::{
     AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest, MintReply,
     MintRequest, PROTOCOL_VERSION, PubkeyReply, ReloadReply, Request, Response, RevokeReply,
@@ -83,12 +82,9 @@ fn current_uid() -> u32 {
 /// in tens of microseconds. Only while this is the process's one request in flight.
 const BUSY_POLL: Duration = Duration::from_micros(250);
 
-/// Requests to tilld in flight in this process, over every [`Client`].
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-
-fn alone() -> bool {
-    IN_FLIGHT.load(Ordering::Relaxed) <= 1
-}
+/// Requests to tilld in flight in this process, over every [`Client`]: one busy-polls only when it
+/// is the only one.
+static SPIN: BusyPoll = BusyPoll::new(1);
 
 /// One connection to the daemon. Requests are answered in order; not shareable across tasks
 /// (open one per task, they are cheap).
@@ -116,7 +112,7 @@ impl Client {
                 reason: e.to_string(),
             })?;
         let mut client = Client {
-            framed: FrameStream::new(stream).busy_poll(BUSY_POLL, alone),
+            framed: FrameStream::new(stream).busy_poll(BUSY_POLL, &SPIN),
             daemon_version: String::new(),
         };
         let hello = Request::Hello(Hello {
@@ -135,7 +131,7 @@ impl Client {
     /// Sends one request and returns the daemon's response; an error reply becomes
     /// [`ClientError::Refused`].
     pub async fn request(&mut self, req: Request) -> Result<Response, ClientError> {
-        let _in_flight = InFlight::start(&IN_FLIGHT);
+        let _in_flight = SPIN.start();
         self.framed.send_json(&req).await?;
         let frame = self
             .framed

@@ -6,11 +6,10 @@
 //! never payload bytes.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use till_protocol::io::{FrameError, FrameStream, InFlight};
+use till_protocol::io::{BusyPoll, FrameError, FrameStream};
 use till_protocol::{
     ErrorCode, ErrorReply, HelloReply, MAX_FRAME_BYTES, PROTOCOL_VERSION, Request, Response,
 };
@@ -28,14 +27,9 @@ use crate::peer::Peer;
 /// sleeping; a slower one costs this much CPU once, then waits as usual.
 const BUSY_POLL: Duration = Duration::from_micros(100);
 
-/// Requests of the native socket being handled right now, all connections together.
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-
-/// Busy-poll only when the daemon has nothing else to do: under load the next request comes anyway,
-/// and the CPU is better spent on the ones in flight.
-fn idle() -> bool {
-    IN_FLIGHT.load(Ordering::Relaxed) == 0
-}
+/// Requests of the native socket being handled right now, all connections together: a connection
+/// busy-polls only when there are none (and no other connection spins).
+static SPIN: BusyPoll = BusyPoll::new(0);
 
 /// Takes the single-instance lock for `socket` (a `flock` on `<socket>.lock`), held as long as the
 /// returned file lives. A second daemon on the same socket fails here, before it touches anything.
@@ -172,7 +166,7 @@ fn frame_error(e: &FrameError) -> Response {
 }
 
 async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: CancellationToken) {
-    let mut framed = FrameStream::new(stream).busy_poll(BUSY_POLL, idle);
+    let mut framed = FrameStream::new(stream).busy_poll(BUSY_POLL, &SPIN);
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
         f = framed.next() => f,
@@ -238,7 +232,7 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
         };
         // Counted while the request is handled; released before the reply goes out, so the
         // busy-poll window that sending opens sees this connection as idle.
-        let handling = InFlight::start(&IN_FLIGHT);
+        let handling = SPIN.start();
         let resp = match serde_json::from_slice::<Request>(&bytes) {
             Ok(req) => {
                 let verb = req.verb();

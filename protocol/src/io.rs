@@ -7,13 +7,14 @@
 //! microseconds (≈ 30 µs each way on our 2-vCPU machine, `scripts/pingpong.py`), which is more than
 //! a mint's whole work. For a short window after each frame it sends, a busy-polling stream reads the
 //! socket directly, yielding to the runtime between tries, so a reply that comes back quickly is
-//! taken without any thread going to sleep and being woken. The caller's `gate` says whether
-//! spinning is worth it now (the daemon and the client spin only when nothing else of theirs is in
-//! flight, so under load nobody spins). A window that passes with nothing read costs its CPU time
+//! taken without any thread going to sleep and being woken. A process's streams share one
+//! [`BusyPoll`]: at most one of them spins at a time, and only while the process has no other
+//! request in flight (so under load nobody spins: the next request comes anyway, and the CPU is
+//! better spent on the ones in flight). A window that passes with nothing read costs its CPU time
 //! and nothing else: the stream then waits as any other would.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -34,11 +35,71 @@ pub enum FrameError {
     Io(#[from] io::Error),
 }
 
-/// The busy-poll settings of a [`FrameStream`]: how long to spin after sending, and whether to now.
+/// Who may busy-poll among a process's streams: requests in flight are counted with
+/// [`BusyPoll::start`]; a stream spins only while at most `idle_at` are (the daemon counts none
+/// once it has handled a request, a client its own), and only one stream spins at a time.
+#[derive(Debug)]
+pub struct BusyPoll {
+    in_flight: AtomicUsize,
+    spinning: AtomicBool,
+    idle_at: usize,
+}
+
+impl BusyPoll {
+    pub const fn new(idle_at: usize) -> BusyPoll {
+        BusyPoll {
+            in_flight: AtomicUsize::new(0),
+            spinning: AtomicBool::new(false),
+            idle_at,
+        }
+    }
+
+    /// Counts one request in flight until the returned guard is dropped (a panic or a cancelled
+    /// future included).
+    pub fn start(&'static self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) <= self.idle_at
+    }
+
+    /// The one spinner's place, if it is free and spinning is worth it now.
+    fn take(&'static self) -> Option<Spinning> {
+        (self.idle()
+            && self
+                .spinning
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok())
+        .then_some(Spinning(self))
+    }
+}
+
+/// One request in flight, counted in its [`BusyPoll`] until dropped.
+#[derive(Debug)]
+pub struct InFlight(&'static BusyPoll);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds the spinner's place; given back when dropped, a cancelled read included.
+struct Spinning(&'static BusyPoll);
+
+impl Drop for Spinning {
+    fn drop(&mut self) {
+        self.0.spinning.store(false, Ordering::Release);
+    }
+}
+
+/// The busy-poll settings of a [`FrameStream`].
 #[derive(Clone, Copy)]
 struct Spin {
     window: Duration,
-    gate: fn() -> bool,
+    shared: &'static BusyPoll,
 }
 
 /// A Unix socket carrying length-prefixed frames. Not `Clone`; one request at a time.
@@ -69,9 +130,9 @@ impl FrameStream {
         }
     }
 
-    /// After each send, read the socket directly for up to `window` while `gate()` holds.
-    pub fn busy_poll(mut self, window: Duration, gate: fn() -> bool) -> FrameStream {
-        self.spin = Some(Spin { window, gate });
+    /// After each send, read the socket directly for up to `window`, when `shared` allows it.
+    pub fn busy_poll(mut self, window: Duration, shared: &'static BusyPoll) -> FrameStream {
+        self.spin = Some(Spin { window, shared });
         self
     }
 
@@ -135,9 +196,11 @@ impl FrameStream {
     /// Reads what the socket has into the buffer: busy-polling inside the window, else waiting.
     /// `Ok(0)` is the end of the stream.
     async fn fill(&mut self) -> io::Result<usize> {
-        if let (Some(spin), Some(until)) = (self.spin, self.spin_until) {
+        if let (Some(spin), Some(until)) = (self.spin, self.spin_until)
+            && let Some(_spinning) = spin.shared.take()
+        {
             let mut scratch = [0u8; 4096];
-            while (spin.gate)() && Instant::now() < until {
+            while spin.shared.idle() && Instant::now() < until {
                 // A plain read(2) on the (non-blocking) socket, past tokio's readiness cache: the
                 // point is to see the bytes before the runtime's poller is told of them.
                 match (&*socket2::SockRef::from(&self.stream)).read(&mut scratch) {
@@ -154,8 +217,8 @@ impl FrameStream {
                 }
                 tokio::task::yield_now().await;
             }
-            self.spin_until = None;
         }
+        self.spin_until = None;
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(8 * 1024);
         }
@@ -163,37 +226,17 @@ impl FrameStream {
     }
 }
 
-/// Counts one request in flight in a counter until dropped (a panic or a cancelled future
-/// included), for the gates of busy-polling streams.
-#[derive(Debug)]
-pub struct InFlight(&'static AtomicUsize);
-
-impl InFlight {
-    pub fn start(counter: &'static AtomicUsize) -> InFlight {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn always() -> bool {
-        true
-    }
+    static SPIN: BusyPoll = BusyPoll::new(usize::MAX);
 
     async fn pair(spin: bool) -> (FrameStream, UnixStream) {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let s = FrameStream::new(a);
         let s = if spin {
-            s.busy_poll(Duration::from_secs(5), always)
+            s.busy_poll(Duration::from_secs(5), &SPIN)
         } else {
             s
         };
