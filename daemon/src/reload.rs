@@ -135,6 +135,16 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     })?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let audit_dir = b.served().config.audit_log.parent().map(Path::to_owned);
+    if let Some(d) = audit_dir.filter(|d| dirs(&watched_files(&b)).contains(d)) {
+        // inotify reports every write in a watched directory, the trail's appends included.
+        tracing::warn!(
+            dir = %d.display(),
+            "the audit trail is in a directory watched for config changes, so each audit line \
+             also wakes the watcher; move `audit_log` out of it (by default it is in `state_dir`) \
+             to save that work on every request"
+        );
+    }
     tokio::spawn(async move {
         let daemon = Peer::daemon();
         let mut files = watched_files(&b);

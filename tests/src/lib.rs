@@ -529,10 +529,15 @@ where
 /// A daemon for benchmarks: the standard config with room for a billion activations per token.
 pub fn bench_daemon(up: &Upstream) -> (tempfile::TempDir, TestDaemon) {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // The audit trail where it is by default, in the state directory: the tests' configs keep it
+    // beside till.toml, whose directory the reload watcher watches, so every audit line would
+    // also wake the watcher.
     let text = standard_config(tmp.path(), &up.url(), "")
-        .replace("max_uses = 1000", "max_uses = 1000000000");
+        .replace("max_uses = 1000", "max_uses = 1000000000")
+        .replace("/audit.jsonl\"", "/state/audit.jsonl\"");
     std::fs::write(tmp.path().join("till.toml"), text).expect("config");
-    let d = TestDaemon::start_in(tmp.path());
+    let mut d = TestDaemon::start_in(tmp.path());
+    d.audit = tmp.path().join("state/audit.jsonl");
     (tmp, d)
 }
 

@@ -439,3 +439,18 @@ async fn a_key_older_than_its_max_age_is_flagged() {
     assert!(age >= 90 * 86400, "{line}");
     assert!(d.log_text().contains("over its max_age"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_trail_beside_the_config_is_flagged_at_start() {
+    const FLAG: &str = "the audit trail is in a directory watched for config changes";
+    let up = Upstream::start(None).await;
+    // The test configs keep the trail beside till.toml, in the directory the watcher watches.
+    let beside = TestDaemon::start(&up);
+    assert!(beside.log_text().contains(FLAG), "{}", beside.log_text());
+    // The benchmarks' daemon keeps it in the state directory, as the defaults do.
+    let (_tmp, in_state) = till_tests::bench_daemon(&up);
+    let minted = in_state.mint("echo", "GET /r", 1).await;
+    let trail = std::fs::read_to_string(in_state.dir.join("state/audit.jsonl")).expect("trail");
+    assert!(trail.contains(&minted.info.id), "{trail}");
+    assert!(!in_state.log_text().contains(FLAG));
+}
