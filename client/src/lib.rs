@@ -79,8 +79,9 @@ fn current_uid() -> u32 {
 
 /// How long a request waits for its reply by reading the socket directly before it sleeps (see
 /// `till_protocol::io`): long enough for a mint, a status or an inspect, which the daemon answers
-/// in tens of microseconds. Only while this is the process's one request in flight.
-const BUSY_POLL: Duration = Duration::from_micros(250);
+/// in tens of microseconds (a call takes longer, and then sleeps like any other wait). Only while
+/// this is the process's one request in flight.
+const BUSY_POLL: Duration = Duration::from_micros(100);
 
 /// Requests to tilld in flight in this process, over every [`Client`]: one busy-polls only when it
 /// is the only one.
