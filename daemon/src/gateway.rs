@@ -88,6 +88,8 @@ async fn connection(
         let peer = peer.clone();
         let mcp = mcp.clone();
         async move {
+            // Counted so that native-socket connections do not busy-poll while the gateway works.
+            let _busy = crate::server::SPIN.start();
             if req.uri().path() == "/mcp" {
                 return Ok::<_, Infallible>(mcp_request(&mcp, peer, req).await);
             }

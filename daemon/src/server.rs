@@ -27,9 +27,9 @@ use crate::peer::Peer;
 /// sleeping; a slower one costs this much CPU once, then waits as usual.
 const BUSY_POLL: Duration = Duration::from_micros(100);
 
-/// Requests of the native socket being handled right now, all connections together: a connection
+/// Requests being handled right now, the native socket's and the gateway's: a native connection
 /// busy-polls only when there are none (and no other connection spins).
-static SPIN: BusyPoll = BusyPoll::new(0);
+pub(crate) static SPIN: BusyPoll = BusyPoll::new(0);
 
 /// Takes the single-instance lock for `socket` (a `flock` on `<socket>.lock`), held as long as the
 /// returned file lives. A second daemon on the same socket fails here, before it touches anything.
