@@ -149,10 +149,6 @@ impl FrameStream {
         self
     }
 
-    pub fn get_ref(&self) -> &UnixStream {
-        &self.stream
-    }
-
     /// Sends `msg` as one JSON frame, in one write.
     pub async fn send_json<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
         let mut out = vec![0u8; 4];
@@ -163,7 +159,7 @@ impl FrameStream {
     }
 
     /// Writes bytes that are already a whole frame (length prefix included).
-    pub async fn send_raw(&mut self, frame: &[u8]) -> io::Result<()> {
+    async fn send_raw(&mut self, frame: &[u8]) -> io::Result<()> {
         self.stream.write_all(frame).await?;
         self.spin_until = self.spin.map(|s| Instant::now() + s.window);
         Ok(())

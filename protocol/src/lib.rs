@@ -1,4 +1,4 @@
-//! `till-protocol`: what Till's daemon and its callers agree on; no I/O but [`io`]'s frame stream
+//! `till-protocol`: what Till's daemon and its callers agree on; no I/O but `io`'s frame stream
 //! (feature `io`).
 //!
 //! Layout:
