@@ -119,6 +119,12 @@ pub struct Inner {
     calls_in_flight: std::sync::atomic::AtomicUsize,
 }
 
+/// Requests being handled right now, whichever way they came in (counted by `handlers::dispatch`
+/// and by the gateway's proxy routes). A native-socket connection busy-polls for its next request
+/// only when there are none (see `till_protocol::io`): under load the next request comes anyway.
+/// Process-wide, as the spinning it gates is: one daemon per process.
+pub static REQUESTS: till_protocol::io::BusyPoll = till_protocol::io::BusyPoll::new(0);
+
 /// Counts a call in flight for as long as it lives. A call that finds itself alone may write its
 /// own activation to the journal on its own thread (see `store::Durable::wait`).
 pub struct CallInFlight(Broker);

@@ -88,8 +88,9 @@ async fn connection(
         let peer = peer.clone();
         let mcp = mcp.clone();
         async move {
-            // Counted so that native-socket connections do not busy-poll while the gateway works.
-            let _busy = crate::server::SPIN.start();
+            // Counted so that native-socket connections do not busy-poll while the gateway works
+            // (its /mcp requests are counted again in `dispatch`, which does no harm).
+            let _busy = crate::broker::REQUESTS.start();
             if req.uri().path() == "/mcp" {
                 return Ok::<_, Infallible>(mcp_request(&mcp, peer, req).await);
             }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use till_protocol::io::{BusyPoll, FrameError, FrameStream};
+use till_protocol::io::{FrameError, FrameStream};
 use till_protocol::{
     ErrorCode, ErrorReply, HelloReply, MAX_FRAME_BYTES, PROTOCOL_VERSION, Request, Response,
 };
@@ -26,10 +26,6 @@ use crate::peer::Peer;
 /// (see `till_protocol::io`). Covers a client that turns a reply into its next request without
 /// sleeping; a slower one costs this much CPU once, then waits as usual.
 const BUSY_POLL: Duration = Duration::from_micros(100);
-
-/// Requests being handled right now, the native socket's and the gateway's: a native connection
-/// busy-polls only when there are none (and no other connection spins).
-pub(crate) static SPIN: BusyPoll = BusyPoll::new(0);
 
 /// Takes the single-instance lock for `socket` (a `flock` on `<socket>.lock`), held as long as the
 /// returned file lives. A second daemon on the same socket fails here, before it touches anything.
@@ -166,7 +162,7 @@ fn frame_error(e: &FrameError) -> Response {
 }
 
 async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: CancellationToken) {
-    let mut framed = FrameStream::new(stream).busy_poll(BUSY_POLL, &SPIN);
+    let mut framed = FrameStream::new(stream).busy_poll(BUSY_POLL, &crate::broker::REQUESTS);
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
         f = framed.next() => f,
@@ -230,9 +226,6 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
             }
             Some(Ok(b)) => b,
         };
-        // Counted while the request is handled; released before the reply goes out, so the
-        // busy-poll window that sending opens sees this connection as idle.
-        let handling = SPIN.start();
         let resp = match serde_json::from_slice::<Request>(&bytes) {
             Ok(req) => {
                 let verb = req.verb();
@@ -249,7 +242,6 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
                 error(ErrorCode::BadFrame, format!("not a valid request: {e}"))
             }
         };
-        drop(handling);
         if framed.send_json(&resp).await.is_err() {
             break;
         }

@@ -124,6 +124,7 @@ pub struct FrameStream {
     spin_until: Option<Instant>,
 }
 
+// By hand: never the buffered bytes, which can hold a token.
 impl std::fmt::Debug for FrameStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameStream")

@@ -18,6 +18,7 @@ use crate::peer::Peer;
 
 /// Runs one request. A refusal becomes an error reply here, in one place, for every adapter.
 pub async fn dispatch(b: &Broker, peer: &Peer, req: Request) -> Response {
+    let _in_flight = crate::broker::REQUESTS.start();
     let result = match req {
         Request::Hello(_) => Err(Refusal::bad_request(
             "hello was already exchanged on this connection",
