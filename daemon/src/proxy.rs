@@ -152,8 +152,13 @@ impl Scrubber {
 }
 
 /// One reqwest client per service: its own connect timeout, no redirects, no proxy.
+///
+/// No proxy means none from the environment either: reqwest would otherwise honour `HTTP_PROXY`
+/// and friends, and a proxy sees a plain-HTTP request whole, key included (and may answer in the
+/// upstream's place). The key goes to the pinned origin and nowhere else.
 pub fn client_for(svc: &ServiceConfig) -> Result<Client, reqwest::Error> {
     Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(svc.connect_timeout)
         .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")))

@@ -339,6 +339,25 @@ impl TestDaemon {
         d
     }
 
+    /// As [`TestDaemon::start`], with these variables added to the daemon's environment.
+    pub fn start_with_env(upstream: &Upstream, env: &[(&str, &str)]) -> TestDaemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        std::fs::write(
+            dir.join("till.toml"),
+            standard_config(&dir, &upstream.url(), ""),
+        )
+        .expect("config");
+        let started = Self::try_start_with(&dir, |config| {
+            let mut cmd = Command::new(bin("tilld"));
+            cmd.arg("--config").arg(config).envs(env.iter().copied());
+            cmd
+        });
+        let mut d = started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"));
+        d._tmp = Some(tmp);
+        d
+    }
+
     /// Starts `tilld` on `dir/till.toml` (state kept across restarts in `dir/state`).
     pub fn start_in(dir: &Path) -> TestDaemon {
         match Self::try_start_in(dir) {

@@ -449,6 +449,37 @@ async fn redirects_are_not_followed_to_another_origin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_never_goes_through_a_proxy_from_the_environment() {
+    // A proxy named in tilld's environment would see every plain-HTTP request, key included, and
+    // could answer in the upstream's place. Till goes to the pinned origin directly.
+    let proxy = Upstream::start(None).await;
+    let up = Upstream::start(None).await;
+    let u = proxy.url();
+    let u = u.as_str();
+    let env = [
+        ("HTTP_PROXY", u),
+        ("http_proxy", u),
+        ("HTTPS_PROXY", u),
+        ("https_proxy", u),
+        ("ALL_PROXY", u),
+        ("all_proxy", u),
+    ];
+    let d = TestDaemon::start_with_env(&up, &env);
+    let mut c = d.client().await;
+    let token = c
+        .mint(mint_req("echo", &["GET /v1/**"], 2))
+        .await
+        .expect("mint");
+    let reply = c
+        .call(call_req(&token.token, "GET", "/v1/models"))
+        .await
+        .expect("call");
+    assert_eq!(reply.status, 200);
+    assert_eq!(up.hits(), 1, "the request went to the service's origin");
+    assert_eq!(proxy.hits(), 0, "and not through the proxy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_0600_single_instance_and_stale_socket_is_replaced() {
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);
