@@ -151,18 +151,51 @@ impl Scrubber {
     }
 }
 
-/// One reqwest client per service: its own connect timeout, no redirects, no proxy.
+/// One reqwest client per service: its own connect timeout, no redirects, and a proxy only for
+/// an HTTPS origin.
 ///
-/// No proxy means none from the environment either: reqwest would otherwise honour `HTTP_PROXY`
-/// and friends, and a proxy sees a plain-HTTP request whole, key included (and may answer in the
-/// upstream's place). The key goes to the pinned origin and nowhere else.
-pub fn client_for(svc: &ServiceConfig) -> Result<Client, reqwest::Error> {
-    Client::builder()
+/// reqwest would honour `HTTP_PROXY` and friends for every request. A proxy sees a plain-HTTP
+/// request whole, key included, and may answer in the upstream's place, so Till never sends one
+/// through a proxy. For an HTTPS origin, the proxy named by `HTTPS_PROXY` (or `ALL_PROXY`, lower
+/// case too, minus `NO_PROXY`) only tunnels: it sees `CONNECT host:port`, and TLS, verified
+/// against the pinned origin's certificate, runs end to end inside the tunnel. Hosts that reach
+/// the Internet only through a proxy need that.
+pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
+    let mut builder = Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(svc.connect_timeout)
-        .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")));
+    if svc.base_url.scheme() == "https"
+        && let Some(url) = https_proxy_from_env()
+    {
+        // Not the URL itself in the error: it can carry the proxy's own credentials.
+        let proxy = reqwest::Proxy::https(url).map_err(|_| {
+            anyhow::anyhow!("HTTPS_PROXY (or ALL_PROXY) in tilld's environment is not a valid URL")
+        })?;
+        builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_env()));
+    }
+    Ok(builder.build()?)
+}
+
+/// The tunnelling proxy for HTTPS requests named in the daemon's environment, if any. Only an
+/// `http://` or `https://` proxy: `ALL_PROXY` often names a SOCKS proxy, which Till does not speak,
+/// and that must not stop it from starting.
+fn https_proxy_from_env() -> Option<String> {
+    let url = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())?;
+    let lower = url.trim().to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Some(url);
+    }
+    // Not the URL: it can carry the proxy's own credentials.
+    tracing::warn!(
+        "the proxy in HTTPS_PROXY or ALL_PROXY is not an http:// or https:// URL, which is all \
+         Till can tunnel through; HTTPS origins are reached directly"
+    );
+    None
 }
 
 pub struct Outgoing<'a> {

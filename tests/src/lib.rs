@@ -339,15 +339,15 @@ impl TestDaemon {
         d
     }
 
-    /// As [`TestDaemon::start`], with these variables added to the daemon's environment.
-    pub fn start_with_env(upstream: &Upstream, env: &[(&str, &str)]) -> TestDaemon {
+    /// As [`TestDaemon::start`], with `more` appended to the config (services, say; `{dir}` in it
+    /// becomes the daemon's directory, where `echo.key` is) and these variables added to the
+    /// daemon's environment.
+    pub fn start_with_env(upstream: &Upstream, more: &str, env: &[(&str, &str)]) -> TestDaemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
-        std::fs::write(
-            dir.join("till.toml"),
-            standard_config(&dir, &upstream.url(), ""),
-        )
-        .expect("config");
+        let config = standard_config(&dir, &upstream.url(), "")
+            + &more.replace("{dir}", &dir.display().to_string());
+        std::fs::write(dir.join("till.toml"), config).expect("config");
         let started = Self::try_start_with(&dir, |config| {
             let mut cmd = Command::new(bin("tilld"));
             cmd.arg("--config").arg(config).envs(env.iter().copied());

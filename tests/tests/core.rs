@@ -449,9 +449,11 @@ async fn redirects_are_not_followed_to_another_origin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_key_never_goes_through_a_proxy_from_the_environment() {
-    // A proxy named in tilld's environment would see every plain-HTTP request, key included, and
-    // could answer in the upstream's place. Till goes to the pinned origin directly.
+async fn a_proxy_from_the_environment_only_ever_tunnels_https() {
+    // A proxy named in tilld's environment would see a plain-HTTP request whole, key included,
+    // and could answer in the upstream's place: Till goes to a plain-HTTP origin directly. An
+    // HTTPS origin is reached through the proxy's tunnel (hosts that reach the Internet only
+    // through a proxy need that), and the proxy sees no more than `CONNECT host:port`.
     let proxy = Upstream::start(None).await;
     let up = Upstream::start(None).await;
     let u = proxy.url();
@@ -464,7 +466,16 @@ async fn the_key_never_goes_through_a_proxy_from_the_environment() {
         ("ALL_PROXY", u),
         ("all_proxy", u),
     ];
-    let d = TestDaemon::start_with_env(&up, &env);
+    let origin = format!("127.0.0.1:{}", up.addr.port());
+    let secure = format!(
+        r#"
+[services.secure]
+base_url = "https://{origin}"
+secret = {{ file = "{{dir}}/echo.key" }}
+allow = ["GET /**"]
+"#
+    );
+    let d = TestDaemon::start_with_env(&up, &secure, &env);
     let mut c = d.client().await;
     let token = c
         .mint(mint_req("echo", &["GET /v1/**"], 2))
@@ -477,6 +488,24 @@ async fn the_key_never_goes_through_a_proxy_from_the_environment() {
     assert_eq!(reply.status, 200);
     assert_eq!(up.hits(), 1, "the request went to the service's origin");
     assert_eq!(proxy.hits(), 0, "and not through the proxy");
+
+    // The proxy is no TLS server, so the tunnelled request fails, and says so.
+    let token = c
+        .mint(mint_req("secure", &["GET /**"], 1))
+        .await
+        .expect("mint");
+    let refused = c.call(call_req(&token.token, "GET", "/v1/models")).await;
+    assert_eq!(code(refused), ErrorCode::UpstreamFailed);
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 1, "one tunnel asked for: {seen:?}");
+    assert_eq!(seen[0].method, "CONNECT");
+    let all = format!("{seen:?}");
+    assert!(
+        all.contains(&origin),
+        "the tunnel goes to the pinned origin: {all}"
+    );
+    assert!(!all.contains(SECRET), "the proxy never sees the key: {all}");
+    assert_eq!(up.hits(), 1, "nothing else reached the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
