@@ -102,7 +102,8 @@ pub fn reload(b: &Broker, peer: &Peer, why: &str) -> Result<String, String> {
     }
 }
 
-/// The files whose change means a reload: the config and every secret file it names.
+/// The files whose change means a reload: the config and every secret file it names. Absolute,
+/// as the paths of inotify's events are (`tilld --config till.toml` names a relative one).
 fn watched_files(b: &Broker) -> BTreeSet<PathBuf> {
     let served = b.served();
     let mut files = BTreeSet::new();
@@ -115,6 +116,22 @@ fn watched_files(b: &Broker) -> BTreeSet<PathBuf> {
         }
     }
     files
+        .into_iter()
+        .map(|p| std::path::absolute(&p).unwrap_or(p))
+        .collect()
+}
+
+/// Whether an event can mean a file's content changed. inotify also reports every open of a
+/// watched file, the daemon's own reads during a reload included: taken for changes, those made
+/// each reload trigger the next, forever.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    }
 }
 
 fn dirs(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
@@ -128,7 +145,9 @@ fn dirs(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
 pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
+        if let Ok(ev) = res
+            && is_change(&ev.kind)
+        {
             for p in ev.paths {
                 let _ = tx.send(p);
             }
@@ -176,4 +195,40 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::EventKind;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+
+    use super::is_change;
+
+    #[test]
+    fn opening_or_reading_a_watched_file_is_no_change() {
+        // What the daemon's own reload does to the files it watches: it must not trigger another.
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Any),
+            EventKind::Any,
+            EventKind::Other,
+        ] {
+            assert!(!is_change(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Permissions)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(is_change(&kind), "{kind:?}");
+        }
+    }
 }

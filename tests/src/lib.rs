@@ -358,6 +358,16 @@ impl TestDaemon {
         d
     }
 
+    /// Starts `tilld --config CONFIG` in the working directory `dir` (CONFIG relative to it).
+    pub fn start_in_cwd(dir: &Path, config: &str) -> TestDaemon {
+        let started = Self::try_start_with(dir, |_| {
+            let mut cmd = Command::new(bin("tilld"));
+            cmd.current_dir(dir).arg("--config").arg(config);
+            cmd
+        });
+        started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"))
+    }
+
     /// Starts `tilld` on `dir/till.toml` (state kept across restarts in `dir/state`).
     pub fn start_in(dir: &Path) -> TestDaemon {
         match Self::try_start_in(dir) {

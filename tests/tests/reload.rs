@@ -454,3 +454,38 @@ async fn an_audit_trail_beside_the_config_is_flagged_at_start() {
     assert!(trail.contains(&minted.info.id), "{trail}");
     assert!(!in_state.log_text().contains(FLAG));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_named_by_a_relative_path_is_watched_and_reads_trigger_nothing() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let config = till_tests::standard_config(dir, &up.url(), "");
+    std::fs::write(dir.join("till.toml"), &config).expect("config");
+    // `tilld --config till.toml`, from the config's directory.
+    let d = TestDaemon::start_in_cwd(dir, "till.toml");
+    let mut c = d.client().await;
+    // Reading the watched files, as the daemon does on every reload, is no change.
+    std::fs::read(dir.join("till.toml")).expect("read");
+    std::fs::read(dir.join("echo.key")).expect("read");
+    let more = format!(
+        "{config}\n[services.added]\nbase_url = \"{}\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
+        up.url(),
+        dir.display()
+    );
+    replace_file(&dir.join("till.toml"), &more);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let services = c.services().await.expect("services");
+        if services.services.iter().any(|s| s.name == "added") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit of a config named by a relative path was never picked up"
+        );
+        tokio::task::yield_now().await;
+    }
+    let reloads = d.audit_text().matches("\"event\":\"reload\"").count();
+    assert_eq!(reloads, 1, "one edit, one reload:\n{}", d.audit_text());
+}
