@@ -50,6 +50,9 @@ fn main() -> ExitCode {
 
 fn start(args: Args) -> Result<()> {
     tilld::sys::harden().context("cannot make the process non-dumpable")?;
+    // reqwest is built without a default crypto provider; ring is the one we ship. First, since
+    // `--check` builds the upstream clients too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let uid = tilld::sys::uid();
     // --dev: the echo upstream needs a runtime before the config that names its address exists.
     // --dev: the echo upstream's port must be known before the config that names it is written,
@@ -71,7 +74,9 @@ fn start(args: Args) -> Result<()> {
             .source
             .as_ref()
             .map_or("built-in defaults".to_string(), |p| p.display().to_string());
-        config.load_secrets()?;
+        // Everything a start would build from the config, the upstream clients included (a bad
+        // HTTPS_PROXY, say, shows here rather than at the next start).
+        tilld::broker::Served::build(config.load_secrets()?)?;
         println!("{source}: OK ({n} service(s), every secret readable)");
         return Ok(());
     }
@@ -84,8 +89,6 @@ fn start(args: Args) -> Result<()> {
     let loaded = config.load_secrets()?;
     // Before any thread exists: socket activation's fds and variables.
     let fds = tilld::sys::take_listen_fds().context("cannot take the sockets systemd passed")?;
-    // reqwest is built without a default crypto provider; ring is the one we ship.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

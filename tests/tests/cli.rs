@@ -227,6 +227,29 @@ fn check_validates_config_and_refuses_loose_secret_files() {
         text(&out.stdout)
     );
 
+    // An HTTPS origin goes through HTTPS_PROXY: a proxy URL that does not parse is an error, and
+    // the error does not repeat it (it can carry the proxy's password).
+    let mut config = till_tests::standard_config(dir.path(), "http://127.0.0.1:9", "");
+    config.push_str(&format!(
+        "[services.secure]\nbase_url = \"https://api.example.com\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
+        dir.path().display()
+    ));
+    std::fs::write(dir.path().join("till.toml"), config).expect("config");
+    let out = Command::new(bin("tilld"))
+        .arg("--check")
+        .arg("--config")
+        .arg(dir.path().join("till.toml"))
+        .env("HTTPS_PROXY", "http://user:hunter2@[not-a-host")
+        .output()
+        .expect("tilld --check");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("HTTPS_PROXY") && err.contains("not a valid URL"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
     let key = dir.path().join("echo.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let out = check();
