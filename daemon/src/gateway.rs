@@ -52,16 +52,19 @@ pub async fn serve(
         broker.clone(),
         shutdown.child_token(),
     ));
+    let mut failing = crate::server::AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let (stream, remote) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                failing.succeeded("gateway");
+                x
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "gateway accept failed");
-                tokio::task::yield_now().await;
+                failing.failed(&e, "gateway").await;
                 continue;
             }
         };

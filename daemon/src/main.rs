@@ -50,6 +50,10 @@ fn main() -> ExitCode {
 
 fn start(args: Args) -> Result<()> {
     tilld::sys::harden().context("cannot make the process non-dumpable")?;
+    match tilld::sys::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the limit on open files"),
+    }
     // reqwest is built without a default crypto provider; ring is the one we ship. First, since
     // `--check` builds the upstream clients too.
     let _ = rustls::crypto::ring::default_provider().install_default();

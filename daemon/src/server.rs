@@ -86,6 +86,39 @@ pub fn bind(socket: &Path) -> Result<(UnixListener, std::fs::File)> {
     Ok((bind_unix(socket)?, lock))
 }
 
+/// What an accept loop does when `accept` fails: mostly EMFILE or ENFILE, out of descriptors. The
+/// waiting connection stays queued, so trying again at once fails again at once: a loop that only
+/// yielded would spin a core and write a log line per try. It waits instead, and logs the first
+/// failure and the recovery, not each try in between. The connections already open keep being
+/// served meanwhile.
+#[derive(Default)]
+pub struct AcceptFailures(u64);
+
+/// How long an accept loop waits after a failure before it tries again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+impl AcceptFailures {
+    pub async fn failed(&mut self, e: &std::io::Error, listener: &str) {
+        if self.0 == 0 {
+            tracing::warn!(
+                error = %e,
+                listener,
+                "accept failed; retrying every {ACCEPT_RETRY:?}, without logging each try, while \
+                 the connections already open are served"
+            );
+        }
+        self.0 += 1;
+        tokio::time::sleep(ACCEPT_RETRY).await;
+    }
+
+    pub fn succeeded(&mut self, listener: &str) {
+        if self.0 > 0 {
+            tracing::warn!(listener, tries = self.0, "accepting connections again");
+            self.0 = 0;
+        }
+    }
+}
+
 /// Accepts on a Unix socket until `shutdown` fires, reads each peer's credentials, and runs
 /// `serve_one(stream, peer)` for it on `tracker`. Shared by the native and the MCP socket.
 pub async fn accept_unix<F, Fut>(
@@ -98,17 +131,19 @@ pub async fn accept_unix<F, Fut>(
     F: Fn(UnixStream, Peer) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut failing = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                failing.succeeded(name);
+                stream
+            }
             Err(e) => {
-                // EMFILE and friends: keep serving the connections we have.
-                tracing::warn!(error = %e, socket = name, "accept failed");
-                tokio::task::yield_now().await;
+                failing.failed(&e, name).await;
                 continue;
             }
         };

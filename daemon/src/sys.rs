@@ -24,6 +24,32 @@ pub fn harden() -> io::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit (as Go's runtime does for every program):
+/// each connection is a descriptor, and the usual soft limit of 1024 is a default from another
+/// era, while the hard limit is what the administrator allows. Returns the limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill, and outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid, initialised rlimit that outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Whether the process is currently dumpable (for the hardening test).
 pub fn is_dumpable() -> bool {
     // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.

@@ -358,6 +358,37 @@ impl TestDaemon {
         d
     }
 
+    /// As [`TestDaemon::start`], in a process started with these limits on open descriptors.
+    pub fn start_with_fd_limit(upstream: &Upstream, soft: u32, hard: u32) -> TestDaemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        let config = standard_config(&dir, &upstream.url(), "");
+        std::fs::write(dir.join("till.toml"), config).expect("config");
+        let script =
+            format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" --config \"$1\"");
+        let started = Self::try_start_with(&dir, |config| {
+            let mut cmd = Command::new("bash");
+            cmd.arg("-c").arg(&script).arg(bin("tilld")).arg(config);
+            cmd
+        });
+        let mut d = started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"));
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Waits (60 s at most) until the daemon's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log within 60 s:\n{}",
+                self.log_text()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Starts `tilld --config CONFIG` in the working directory `dir` (CONFIG relative to it).
     pub fn start_in_cwd(dir: &Path, config: &str) -> TestDaemon {
         let started = Self::try_start_with(dir, |_| {

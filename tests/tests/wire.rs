@@ -120,3 +120,46 @@ async fn malformed_frames_get_clear_errors_and_the_daemon_keeps_serving() {
         .expect("new connections are served");
     assert_eq!(fresh.version, env!("CARGO_PKG_VERSION"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_it_waits_logs_once_and_recovers() {
+    let up = Upstream::start(None).await;
+    // About 30 connections' worth of descriptors beyond what the daemon itself holds.
+    let d = TestDaemon::start_with_fd_limit(&up, 48, 48);
+    let held: Vec<UnixStream> = (0..60)
+        .map(|_| UnixStream::connect(&d.socket).expect("connect"))
+        .collect();
+    d.wait_log("accept failed").await;
+    // The connections it took are still served meanwhile: one says hello.
+    let mut first = held.into_iter();
+    let mut s = first.next().expect("a connection");
+    s.write_all(&frame(
+        br#"{"type":"hello","protocol_version":1,"client":"t"}"#,
+    ))
+    .expect("hello");
+    assert_eq!(read_reply(&mut s)["type"], "hello");
+    drop(s);
+    drop(first);
+    d.wait_log("accepting connections again").await;
+    let mut c = d.client().await;
+    c.status().await.expect("status after recovery");
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("accept failed").count(),
+        1,
+        "one line for the whole episode, not one per try:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_limit_on_open_files_is_raised_to_the_hard_one() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_with_fd_limit(&up, 256, 4096);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the open files line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{line}");
+}
