@@ -5,6 +5,7 @@
 //! `.await`. The store job for a change is queued while the lock is held, so the store sees changes
 //! in the order they happened (see `store.rs`).
 
+use anyhow::Context as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -94,7 +95,7 @@ impl Served {
                 Arc::new(Service {
                     secret_since: since,
                     scrubber: Scrubber::new(&secret, &svc.inject),
-                    client: proxy::client_for(svc)?,
+                    client: proxy::client_for(svc).with_context(|| format!("services.{name}"))?,
                     config: svc.clone(),
                     secret,
                 }),

@@ -138,6 +138,9 @@ struct ServiceSection {
     /// Warn (log, status, metric) when the key is older than this (file age; for an env key, the
     /// time since the daemon read it).
     max_age: Option<String>,
+    /// PEM certificates trusted for this service's HTTPS origin, besides the system's (an internal
+    /// API with a private CA).
+    ca_file: Option<PathBuf>,
 }
 
 /// `{ header = "Authorization", value = "Bearer {secret}" }`, `{ query = "key" }` or
@@ -192,6 +195,8 @@ pub struct ServiceConfig {
     pub connect_timeout: Duration,
     pub max_age: Option<Duration>,
     pub default_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Extra trusted roots for the HTTPS origin (read when the service's client is built).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +281,7 @@ impl Config {
                         timeout: None,
                         connect_timeout: None,
                         max_age: None,
+                        ca_file: None,
                     },
                 );
             }
@@ -499,6 +505,14 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
         .ok_or_else(|| anyhow!("base_url is missing (or set preset = \"...\")"))?;
     let base_url = Url::parse(base).map_err(|e| anyhow!("base_url = {base:?}: {e}"))?;
     check_origin(&base_url, s.insecure_http).with_context(|| format!("base_url = {base:?}"))?;
+    if let Some(ca) = &s.ca_file
+        && base_url.scheme() != "https"
+    {
+        bail!(
+            "ca_file = {:?}: certificates are for an https base_url, and {base:?} is not one",
+            ca.display()
+        );
+    }
 
     let inject = match (&s.inject, preset) {
         (Some(i), _) => build_inject(i).context("inject")?,
@@ -570,6 +584,7 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
             None => None,
         },
         default_headers,
+        ca_file: s.ca_file,
     })
 }
 

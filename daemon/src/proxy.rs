@@ -151,8 +151,8 @@ impl Scrubber {
     }
 }
 
-/// One reqwest client per service: its own connect timeout, no redirects, and a proxy only for
-/// an HTTPS origin.
+/// One reqwest client per service: its own connect timeout, no redirects, its extra trusted
+/// roots (`ca_file`), and a proxy only for an HTTPS origin.
 ///
 /// reqwest would honour `HTTP_PROXY` and friends for every request. A proxy sees a plain-HTTP
 /// request whole, key included, and may answer in the upstream's place, so Till never sends one
@@ -166,6 +166,17 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(svc.connect_timeout)
         .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &svc.ca_file {
+        let shown = path.display();
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("ca_file = {shown:?} cannot be read: {e}"))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default();
+        if roots.is_empty() {
+            anyhow::bail!("ca_file = {shown:?} holds no PEM certificate");
+        }
+        // Besides the system's roots, not instead of them.
+        builder = builder.tls_certs_merge(roots);
+    }
     if svc.base_url.scheme() == "https"
         && let Some(url) = https_proxy_from_env()
     {
@@ -407,11 +418,40 @@ impl<'a> StreamScrubber<'a> {
 
 /// Turns a reqwest error into a reason for the caller. reqwest's own text can include the URL, and
 /// with a query-injected key the URL holds the key, so it is never passed through.
+/// Why TLS refused the upstream, when it did: the certificate's problem, which is the part a person
+/// can act on (rustls's own words for it; never a URL, which can hold a query-injected key).
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(match t {
+                rustls::Error::InvalidCertificate(c) => format!(
+                    "the upstream's TLS certificate was refused ({c:?}); if a private CA signed \
+                     it, name that CA in the service's ca_file"
+                ),
+                other => format!("the TLS handshake with the upstream failed ({other})"),
+            });
+        }
+        // An io::Error's `source()` skips the error it wraps (rustls's sits two io::Errors deep).
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 fn classify(e: reqwest::Error, timeout: Duration) -> ProxyError {
     if e.is_timeout() {
         ProxyError::Timeout(timeout)
     } else if e.is_connect() {
-        ProxyError::Connect("connection failed (refused, unreachable or TLS error)".into())
+        ProxyError::Connect(
+            tls_refusal(&e)
+                .unwrap_or_else(|| "connection failed (refused, unreachable or TLS error)".into()),
+        )
     } else if e.is_body() || e.is_decode() {
         ProxyError::Other("the upstream's answer was cut off or malformed".into())
     } else {

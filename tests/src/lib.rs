@@ -53,6 +53,11 @@ pub struct Seen {
     pub body: Vec<u8>,
 }
 
+/// The CA that signed [`Upstream::start_tls`]'s certificate, for a service's `ca_file`.
+pub fn tls_ca() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/ca.pem")
+}
+
 /// A real HTTP server on 127.0.0.1 that echoes each request (headers included, so a leaked key
 /// would show) and counts them. Special paths:
 /// - `/redirect`: 302 to `redirect_to`;
@@ -62,6 +67,7 @@ pub struct Seen {
 /// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`.
 pub struct Upstream {
     pub addr: SocketAddr,
+    scheme: &'static str,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     hits: watch::Receiver<u64>,
     gate: Arc<Notify>,
@@ -69,6 +75,36 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(redirect_to: Option<String>) -> Upstream {
+        Self::serve(redirect_to, None).await
+    }
+
+    /// The same server over TLS, with the certificate for 127.0.0.1 in `tests/fixtures/tls`
+    /// (signed by the test CA there, `tls_ca()`, which nothing trusts unless told to).
+    pub async fn start_tls() -> Upstream {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+        let certs = CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates");
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key");
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        Self::serve(
+            None,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn serve(
+        redirect_to: Option<String>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -79,6 +115,7 @@ impl Upstream {
         let seen2 = seen.clone();
         let gate = Arc::new(Notify::new());
         let gate2 = gate.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -88,6 +125,7 @@ impl Upstream {
                 let tx = tx.clone();
                 let redirect_to = redirect_to.clone();
                 let gate = gate2.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
@@ -98,14 +136,21 @@ impl Upstream {
                             Ok::<_, Infallible>(echo(req, &seen, &tx, redirect_to, gate).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        // A client that refuses the certificate ends the handshake: no request.
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                            Err(_) => return,
+                        },
+                        None => http.serve_connection(TokioIo::new(stream), svc).await,
+                    };
                 });
             }
         });
         Upstream {
             addr,
+            scheme,
             seen,
             hits,
             gate,
@@ -118,7 +163,7 @@ impl Upstream {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn hits(&self) -> u64 {

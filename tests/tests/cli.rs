@@ -250,6 +250,41 @@ fn check_validates_config_and_refuses_loose_secret_files() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 
+    // ca_file: only for https, and it must hold certificates.
+    let not_pem = dir.path().join("not-a-certificate.txt");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let not_pem = not_pem.display().to_string();
+    let test_ca = till_tests::tls_ca().display().to_string();
+    for (base, ca, why) in [
+        ("http://127.0.0.1:9", test_ca.as_str(), "not one"),
+        (
+            "https://api.example.com",
+            "/nonexistent/ca.pem",
+            "cannot be read",
+        ),
+        (
+            "https://api.example.com",
+            not_pem.as_str(),
+            "holds no PEM certificate",
+        ),
+    ] {
+        let mut config = till_tests::standard_config(dir.path(), "http://127.0.0.1:9", "");
+        config.push_str(&format!(
+            "[services.private]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
+            dir.path().display()
+        ));
+        std::fs::write(dir.path().join("till.toml"), config).expect("config");
+        let out = check();
+        assert_eq!(out.status.code(), Some(1), "{base} {ca}");
+        let err = text(&out.stderr);
+        assert!(err.contains("ca_file") && err.contains(why), "{err}");
+    }
+    std::fs::write(
+        dir.path().join("till.toml"),
+        till_tests::standard_config(dir.path(), "http://127.0.0.1:9", ""),
+    )
+    .expect("config");
+
     let key = dir.path().join("echo.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let out = check();

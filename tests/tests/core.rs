@@ -509,6 +509,67 @@ allow = ["GET /**"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_reached_only_with_a_certificate_it_trusts() {
+    let tls = Upstream::start_tls().await;
+    let up = Upstream::start(None).await;
+    let more = format!(
+        r#"
+[services.private]
+base_url = "{url}"
+ca_file = "{ca}"
+secret = {{ file = "{{dir}}/echo.key" }}
+allow = ["GET /**"]
+
+[services.untrusted]
+base_url = "{url}"
+secret = {{ file = "{{dir}}/echo.key" }}
+allow = ["GET /**"]
+"#,
+        url = tls.url(),
+        ca = till_tests::tls_ca().display()
+    );
+    let d = TestDaemon::start_with_env(&up, &more, &[]);
+    let mut c = d.client().await;
+
+    // With the CA named in ca_file: over TLS, the key injected, and scrubbed from the echo.
+    let t = c
+        .mint(mint_req("private", &["GET /**"], 1))
+        .await
+        .expect("mint");
+    let reply = c
+        .call(call_req(&t.token, "GET", "/hello"))
+        .await
+        .expect("call");
+    assert_eq!(reply.status, 200);
+    assert_eq!(tls.hits(), 1);
+    assert_eq!(
+        tls.seen()[0].headers["authorization"],
+        format!("Bearer {SECRET}")
+    );
+    let body = String::from_utf8_lossy(&reply.body);
+    assert!(!body.contains(SECRET), "{body}");
+
+    // Without it, the system's roots do not know the CA: refused in the handshake, before any
+    // byte of the request (the key included) was sent, with a reason a person can act on.
+    let t = c
+        .mint(mint_req("untrusted", &["GET /**"], 1))
+        .await
+        .expect("mint");
+    match c.call(call_req(&t.token, "GET", "/hello")).await {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::UpstreamFailed);
+            assert!(
+                message.contains("certificate was refused") && message.contains("ca_file"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(tls.hits(), 1, "the untrusted call never reached HTTP");
+    assert!(!d.log_text().contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_is_0600_single_instance_and_stale_socket_is_replaced() {
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);
