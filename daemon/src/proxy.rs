@@ -152,14 +152,15 @@ impl Scrubber {
 }
 
 /// One reqwest client per service: its own connect timeout, no redirects, its extra trusted
-/// roots (`ca_file`), and a proxy only for an HTTPS origin.
+/// roots (`ca_file`), and a proxy only for an HTTPS origin on another host.
 ///
 /// reqwest would honour `HTTP_PROXY` and friends for every request. A proxy sees a plain-HTTP
 /// request whole, key included, and may answer in the upstream's place, so Till never sends one
-/// through a proxy. For an HTTPS origin, the proxy named by `HTTPS_PROXY` (or `ALL_PROXY`, lower
-/// case too, minus `NO_PROXY`) only tunnels: it sees `CONNECT host:port`, and TLS, verified
-/// against the pinned origin's certificate, runs end to end inside the tunnel. Hosts that reach
-/// the Internet only through a proxy need that.
+/// through a proxy; nor a request to this host, which the proxy's loopback is not. For an HTTPS
+/// origin elsewhere, the proxy named by `HTTPS_PROXY` (or `ALL_PROXY`, lower case too, minus
+/// `NO_PROXY`) only tunnels: it sees `CONNECT host:port`, and TLS, verified against the pinned
+/// origin's certificate, runs end to end inside the tunnel. Hosts that reach the Internet only
+/// through a proxy need that.
 pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
     let mut builder = Client::builder()
         .no_proxy()
@@ -178,6 +179,7 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         builder = builder.tls_certs_merge(roots);
     }
     if svc.base_url.scheme() == "https"
+        && !is_loopback(&svc.base_url)
         && let Some(url) = https_proxy_from_env()
     {
         // Not the URL itself in the error: it can carry the proxy's own credentials.
@@ -187,6 +189,17 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_env()));
     }
     Ok(builder.build()?)
+}
+
+/// Whether the origin is this host. Such an origin is never reached through a proxy (as Go's
+/// `ProxyFromEnvironment` does): the proxy's loopback is not ours.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// The tunnelling proxy for HTTPS requests named in the daemon's environment, if any. Only an

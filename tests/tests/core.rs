@@ -452,10 +452,12 @@ async fn redirects_are_not_followed_to_another_origin() {
 async fn a_proxy_from_the_environment_only_ever_tunnels_https() {
     // A proxy named in tilld's environment would see a plain-HTTP request whole, key included,
     // and could answer in the upstream's place: Till goes to a plain-HTTP origin directly. An
-    // HTTPS origin is reached through the proxy's tunnel (hosts that reach the Internet only
-    // through a proxy need that), and the proxy sees no more than `CONNECT host:port`.
+    // HTTPS origin elsewhere is reached through the proxy's tunnel (hosts that reach the Internet
+    // only through a proxy need that), and the proxy sees no more than `CONNECT host:port`. An
+    // origin on this host never goes through a proxy.
     let proxy = Upstream::start(None).await;
     let up = Upstream::start(None).await;
+    let tls = Upstream::start_tls().await;
     let u = proxy.url();
     let u = u.as_str();
     let env = [
@@ -466,14 +468,24 @@ async fn a_proxy_from_the_environment_only_ever_tunnels_https() {
         ("ALL_PROXY", u),
         ("all_proxy", u),
     ];
-    let origin = format!("127.0.0.1:{}", up.addr.port());
+    // A name, not an address: the proxy resolves it (nothing here does), and loopback origins
+    // are never proxied.
+    let origin = "api.example.com:443";
     let secure = format!(
         r#"
 [services.secure]
-base_url = "https://{origin}"
+base_url = "https://api.example.com"
 secret = {{ file = "{{dir}}/echo.key" }}
 allow = ["GET /**"]
-"#
+
+[services.local]
+base_url = "{tls}"
+ca_file = "{ca}"
+secret = {{ file = "{{dir}}/echo.key" }}
+allow = ["GET /**"]
+"#,
+        tls = tls.url(),
+        ca = till_tests::tls_ca().display()
     );
     let d = TestDaemon::start_with_env(&up, &secure, &env);
     let mut c = d.client().await;
@@ -501,11 +513,24 @@ allow = ["GET /**"]
     assert_eq!(seen[0].method, "CONNECT");
     let all = format!("{seen:?}");
     assert!(
-        all.contains(&origin),
+        all.contains(origin),
         "the tunnel goes to the pinned origin: {all}"
     );
     assert!(!all.contains(SECRET), "the proxy never sees the key: {all}");
     assert_eq!(up.hits(), 1, "nothing else reached the upstream");
+
+    // An HTTPS origin on this host is reached directly.
+    let token = c
+        .mint(mint_req("local", &["GET /**"], 1))
+        .await
+        .expect("mint");
+    let reply = c
+        .call(call_req(&token.token, "GET", "/v1/models"))
+        .await
+        .expect("call");
+    assert_eq!(reply.status, 200);
+    assert_eq!(tls.hits(), 1);
+    assert_eq!(proxy.hits(), 1, "still only the one tunnel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
