@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use till_protocol::{CallRequest, ErrorCode, MintRequest, RevokeTarget, TokenState};
+use till_protocol::{CallReply, CallRequest, ErrorCode, MintRequest, RevokeTarget, TokenState};
 use till_tests::{Client, ClientError, OTHER_SECRET, SECRET, TestDaemon, Upstream};
 
 fn mint_req(service: &str, allow: &[&str], uses: u32) -> MintRequest {
@@ -24,6 +24,15 @@ fn call_req(token: &str, method: &str, path: &str) -> CallRequest {
         path: path.into(),
         ..CallRequest::default()
     }
+}
+
+/// Mints a one-activation `GET /**` token for `service` and spends it on `GET path`.
+async fn call_once(c: &mut Client, service: &str, path: &str) -> Result<CallReply, ClientError> {
+    let t = c
+        .mint(mint_req(service, &["GET /**"], 1))
+        .await
+        .expect("mint");
+    c.call(call_req(&t.token, "GET", path)).await
 }
 
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
@@ -502,11 +511,7 @@ allow = ["GET /**"]
     assert_eq!(proxy.hits(), 0, "and not through the proxy");
 
     // The proxy is no TLS server, so the tunnelled request fails, and says so.
-    let token = c
-        .mint(mint_req("secure", &["GET /**"], 1))
-        .await
-        .expect("mint");
-    let refused = c.call(call_req(&token.token, "GET", "/v1/models")).await;
+    let refused = call_once(&mut c, "secure", "/v1/models").await;
     assert_eq!(code(refused), ErrorCode::UpstreamFailed);
     let seen = proxy.seen();
     assert_eq!(seen.len(), 1, "one tunnel asked for: {seen:?}");
@@ -520,12 +525,7 @@ allow = ["GET /**"]
     assert_eq!(up.hits(), 1, "nothing else reached the upstream");
 
     // An HTTPS origin on this host is reached directly.
-    let token = c
-        .mint(mint_req("local", &["GET /**"], 1))
-        .await
-        .expect("mint");
-    let reply = c
-        .call(call_req(&token.token, "GET", "/v1/models"))
+    let reply = call_once(&mut c, "local", "/v1/models")
         .await
         .expect("call");
     assert_eq!(reply.status, 200);
@@ -557,14 +557,7 @@ allow = ["GET /**"]
     let mut c = d.client().await;
 
     // With the CA named in ca_file: over TLS, the key injected, and scrubbed from the echo.
-    let t = c
-        .mint(mint_req("private", &["GET /**"], 1))
-        .await
-        .expect("mint");
-    let reply = c
-        .call(call_req(&t.token, "GET", "/hello"))
-        .await
-        .expect("call");
+    let reply = call_once(&mut c, "private", "/hello").await.expect("call");
     assert_eq!(reply.status, 200);
     assert_eq!(tls.hits(), 1);
     assert_eq!(
@@ -576,11 +569,7 @@ allow = ["GET /**"]
 
     // Without it, the system's roots do not know the CA: refused in the handshake, before any
     // byte of the request (the key included) was sent, with a reason a person can act on.
-    let t = c
-        .mint(mint_req("untrusted", &["GET /**"], 1))
-        .await
-        .expect("mint");
-    match c.call(call_req(&t.token, "GET", "/hello")).await {
+    match call_once(&mut c, "untrusted", "/hello").await {
         Err(ClientError::Refused { code, message }) => {
             assert_eq!(code, ErrorCode::UpstreamFailed);
             assert!(
