@@ -8,7 +8,8 @@
 //! change without a restart (sockets, state dir, trail, gateway address) is kept, with a warning.
 //!
 //! Watching: `notify` (inotify) on the *directories* of the config and of every secret file, since
-//! editors and secret managers replace files by rename; events for other files in them are ignored.
+//! editors and secret managers replace files by rename. An event for another entry in them reloads
+//! only if a watched file now resolves to something else (a Kubernetes `..data` symlink swap).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,23 @@ fn is_change(kind: &notify::EventKind) -> bool {
     }
 }
 
+/// What each watched file resolves to (symlinks followed): device, inode, modification time and
+/// size; `None` for a file that cannot be read.
+type Stamp = Option<(u64, u64, i64, i64, u64)>;
+
+fn stamps(files: &BTreeSet<PathBuf>) -> std::collections::BTreeMap<PathBuf, Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|f| {
+            let stamp = std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()));
+            (f.clone(), stamp)
+        })
+        .collect()
+}
+
 fn dirs(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
     files
         .iter()
@@ -167,6 +185,7 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let daemon = Peer::daemon();
         let mut files = watched_files(&b);
+        let mut seen = stamps(&files);
         let mut watching = BTreeSet::new();
         loop {
             for d in dirs(&files).difference(&watching.clone()) {
@@ -181,17 +200,27 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
                 _ = shutdown.cancelled() => break,
                 _ = hup.recv() => "SIGHUP".to_string(),
                 Some(path) = rx.recv() => {
-                    if !files.contains(&path) {
+                    // Another entry of a watched directory may be how a watched file changes:
+                    // Kubernetes swaps a `..data` symlink that the file's own symlink goes
+                    // through. Then what the file resolves to is new.
+                    let changed = if files.contains(&path) {
+                        Some(path)
+                    } else {
+                        let now = stamps(&files);
+                        files.iter().find(|f| now.get(*f) != seen.get(*f)).cloned()
+                    };
+                    let Some(changed) = changed else {
                         continue;
-                    }
+                    };
                     // Let the rest of this change arrive (write, rename, chmod), then reload once.
                     tokio::time::sleep(SETTLE).await;
                     while rx.try_recv().is_ok() {}
-                    format!("{} changed", path.display())
+                    format!("{} changed", changed.display())
                 }
             };
             let _ = reload(&b, &daemon, &why);
             files = watched_files(&b);
+            seen = stamps(&files);
         }
     });
     Ok(())

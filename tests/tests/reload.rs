@@ -489,3 +489,69 @@ async fn a_config_named_by_a_relative_path_is_watched_and_reads_trigger_nothing(
     let reloads = d.audit_text().matches("\"event\":\"reload\"").count();
     assert_eq!(reloads, 1, "one edit, one reload:\n{}", d.audit_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_style_secret_update_is_picked_up() {
+    // How Kubernetes updates a mounted secret: keys/echo.key -> ..data/echo.key, and ..data ->
+    // ..v1. The update writes ..v2, points a new symlink at it and renames that over ..data. No
+    // event names echo.key itself.
+    use std::os::unix::fs::symlink;
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let keys = dir.join("keys");
+    let version = |name: &str, key: &str| {
+        let v = keys.join(name);
+        std::fs::create_dir_all(&v).expect("mkdir");
+        let f = v.join("echo.key");
+        std::fs::write(&f, format!("{key}\n")).expect("key");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    version("..v1", SECRET);
+    symlink("..v1", keys.join("..data")).expect("symlink");
+    symlink("..data/echo.key", keys.join("echo.key")).expect("symlink");
+    let config = till_tests::standard_config(dir, &up.url(), "")
+        + &format!(
+            "\n[services.mounted]\nbase_url = \"{}\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\nmax_uses = 1000000\n",
+            up.url(),
+            keys.display()
+        );
+    std::fs::write(dir.join("till.toml"), config).expect("config");
+    let d = TestDaemon::start_in(dir);
+    let mut c = d.client().await;
+    let token = c
+        .mint(MintRequest {
+            service: "mounted".into(),
+            allow: vec!["GET /**".into()],
+            uses: Some(1000000),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    let mut key_seen = async || {
+        let call = CallRequest {
+            token: Some(token.clone()),
+            method: "GET".into(),
+            path: "/k".into(),
+            ..CallRequest::default()
+        };
+        c.call(call).await.expect("call");
+        up.seen().last().expect("seen").headers["authorization"].clone()
+    };
+    assert_eq!(key_seen().await, format!("Bearer {SECRET}"));
+
+    version("..v2", NEW_KEY);
+    symlink("..v2", keys.join("..data_tmp")).expect("symlink");
+    std::fs::rename(keys.join("..data_tmp"), keys.join("..data")).expect("swap");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while key_seen().await != format!("Bearer {NEW_KEY}") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the swapped secret was never picked up"
+        );
+    }
+    let audit = d.audit_text();
+    assert!(audit.contains("keys/echo.key changed"), "{audit}");
+    assert!(!audit.contains(NEW_KEY) && !d.log_text().contains(NEW_KEY));
+}
