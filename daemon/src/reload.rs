@@ -8,8 +8,9 @@
 //! change without a restart (sockets, state dir, trail, gateway address) is kept, with a warning.
 //!
 //! Watching: `notify` (inotify) on the *directories* of the config and of every secret file, since
-//! editors and secret managers replace files by rename. An event for another entry in them reloads
-//! only if a watched file now resolves to something else (a Kubernetes `..data` symlink swap).
+//! editors and secret managers replace files by rename. An event for an entry that a watched file
+//! is a symlink through reloads if the file now resolves to something else (a Kubernetes `..data`
+//! symlink swap).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -81,12 +82,14 @@ pub fn reload(b: &Broker, peer: &Peer, why: &str) -> Result<String, String> {
                 tracing::warn!("{w}");
                 summary.push_str(&format!("; {w}"));
             }
+            // Audited before it takes effect: a reload that cannot be audited does not happen, and
+            // whoever sees the new config can find its line in the trail.
+            event.reason = Some(summary.clone());
+            b.audit(EventKind::Reload, event).map_err(|r| r.message)?;
             b.replace_served(next);
             for w in b.stale_keys() {
                 tracing::warn!("{w}");
             }
-            event.reason = Some(summary.clone());
-            b.audit(EventKind::Reload, event).map_err(|r| r.message)?;
             tracing::info!("{summary}");
             Ok(summary)
         }
@@ -133,6 +136,39 @@ fn is_change(kind: &notify::EventKind) -> bool {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
+}
+
+/// Watches the directories of `files` that are not watched yet.
+fn watch_new_dirs(
+    watcher: &mut notify::RecommendedWatcher,
+    files: &BTreeSet<PathBuf>,
+    watching: &mut BTreeSet<PathBuf>,
+) {
+    for d in dirs(files).difference(&watching.clone()) {
+        match watcher.watch(d, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watching.insert(d.clone());
+            }
+            Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
+        }
+    }
+}
+
+/// The entries, beside a watched file, that the file is a relative symlink through: for
+/// Kubernetes' `key -> ..data/key`, the `..data` beside it. Only events for these (or for the files
+/// themselves) are worth a look: the others, such as an audit trail's appends, are passed over at
+/// the cost of a set lookup.
+fn symlinked_through(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
+    files
+        .iter()
+        .filter_map(|f| {
+            let target = std::fs::read_link(f).ok()?;
+            match target.components().next()? {
+                std::path::Component::Normal(first) => Some(f.parent()?.join(first)),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// What each watched file resolves to (symlinks followed): device, inode, modification time and
@@ -182,20 +218,17 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
              to save that work on every request"
         );
     }
+    let mut files = watched_files(&b);
+    let mut seen = stamps(&files);
+    let mut via = symlinked_through(&files);
+    let mut watching = BTreeSet::new();
+    // The first watches are in place before this returns, so before the daemon says it is ready:
+    // a change made right after start is not missed.
+    watch_new_dirs(&mut watcher, &files, &mut watching);
     tokio::spawn(async move {
         let daemon = Peer::daemon();
-        let mut files = watched_files(&b);
-        let mut seen = stamps(&files);
-        let mut watching = BTreeSet::new();
         loop {
-            for d in dirs(&files).difference(&watching.clone()) {
-                match watcher.watch(d, RecursiveMode::NonRecursive) {
-                    Ok(()) => {
-                        watching.insert(d.clone());
-                    }
-                    Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
-                }
-            }
+            watch_new_dirs(&mut watcher, &files, &mut watching);
             let why = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = hup.recv() => "SIGHUP".to_string(),
@@ -205,9 +238,11 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
                     // through. Then what the file resolves to is new.
                     let changed = if files.contains(&path) {
                         Some(path)
-                    } else {
+                    } else if via.contains(&path) {
                         let now = stamps(&files);
                         files.iter().find(|f| now.get(*f) != seen.get(*f)).cloned()
+                    } else {
+                        None
                     };
                     let Some(changed) = changed else {
                         continue;
@@ -221,6 +256,7 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
             let _ = reload(&b, &daemon, &why);
             files = watched_files(&b);
             seen = stamps(&files);
+            via = symlinked_through(&files);
         }
     });
     Ok(())
