@@ -124,7 +124,10 @@ pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>
     if let Some(url) = cfg.webhook.clone() {
         let payload = payload.clone();
         tokio::spawn(async move {
+            // The webhook is on loopback (the config allows nothing else): a proxy from the
+            // environment would never reach it.
             let client = reqwest::Client::builder()
+                .no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
                 .build();
             if let Ok(c) = client {

@@ -15,6 +15,17 @@ fn daemon_with(up: &Upstream, alerts: &str) -> (tempfile::TempDir, TestDaemon) {
     (tmp, d)
 }
 
+/// A one-shot call to `echo` whose body carries the master key itself.
+fn carrying_the_master_key() -> CallRequest {
+    CallRequest {
+        service: Some("echo".into()),
+        method: "POST".into(),
+        path: "/v1/x".into(),
+        body: format!("{{\"api_key\": \"{SECRET}\"}}").into_bytes(),
+        ..CallRequest::default()
+    }
+}
+
 fn lines_with(trail: &str, needle: &str) -> usize {
     trail.lines().filter(|l| l.contains(needle)).count()
 }
@@ -143,15 +154,7 @@ async fn a_master_key_in_a_request_is_refused_and_raises_an_alert() {
     let up = Upstream::start(None).await;
     let (_tmp, d) = daemon_with(&up, "");
     let mut c = d.client().await;
-    let r = c
-        .call(CallRequest {
-            service: Some("echo".into()),
-            method: "POST".into(),
-            path: "/v1/x".into(),
-            body: format!("{{\"api_key\": \"{SECRET}\"}}").into_bytes(),
-            ..CallRequest::default()
-        })
-        .await;
+    let r = c.call(carrying_the_master_key()).await;
     assert_eq!(code(r), ErrorCode::BadRequest);
     assert_eq!(up.hits(), 0, "never forwarded");
     let trail = d.audit_text();
@@ -352,5 +355,31 @@ async fn the_trail_rotates_by_size_without_breaking_the_chain() {
         String::from_utf8_lossy(&out.stderr).contains("line 1:"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_reaches_the_webhook_directly_even_with_a_proxy_in_the_environment() {
+    let up = Upstream::start(None).await;
+    let hook = Upstream::start(None).await;
+    let proxy = Upstream::start(None).await;
+    let p = proxy.url();
+    let env = [("HTTP_PROXY", p.as_str()), ("http_proxy", p.as_str())];
+    let alerts = format!("\n[alerts]\nwebhook = \"{}/till-alerts\"\n", hook.url());
+    let d = TestDaemon::start_with_env(&up, &alerts, &env);
+    let mut c = d.client().await;
+    let r = c.call(carrying_the_master_key()).await;
+    assert_eq!(code(r), ErrorCode::BadRequest);
+    hook.wait_hits(1).await;
+    let seen = hook.seen();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].path_and_query, "/till-alerts");
+    let body = String::from_utf8_lossy(&seen[0].body);
+    assert!(body.contains("credential_in_request"), "{body}");
+    assert!(!body.contains(SECRET), "{body}");
+    assert_eq!(
+        proxy.hits(),
+        0,
+        "the alert went to the webhook, not through the proxy"
     );
 }
