@@ -429,13 +429,7 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
     let webhook = match &file.alerts.webhook {
         Some(w) => {
             let u = Url::parse(w).map_err(|e| anyhow!("alerts.webhook = {w:?}: {e}"))?;
-            let loopback = match u.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(d)) => d == "localhost",
-                None => false,
-            };
-            if u.scheme() != "http" || !loopback {
+            if u.scheme() != "http" || !is_loopback(&u) {
                 bail!("alerts.webhook = {w:?}: alerts go to http:// on loopback only");
             }
             Some(u)
@@ -588,6 +582,17 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
     })
 }
 
+/// Whether a URL's host is this machine: `localhost` or a loopback address. (The url crate has
+/// already lowercased the name of an http or https URL.)
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// The key may only travel over TLS, or in the clear to loopback, or where the operator said
 /// `insecure_http = true`. No userinfo, query or fragment: the base URL is an origin plus a prefix.
 fn check_origin(url: &Url, insecure_http: bool) -> Result<()> {
@@ -597,16 +602,11 @@ fn check_origin(url: &Url, insecure_http: bool) -> Result<()> {
     if url.query().is_some() || url.fragment().is_some() {
         bail!("must not have a query or fragment");
     }
-    let host = url.host().ok_or_else(|| anyhow!("has no host"))?;
+    url.host().ok_or_else(|| anyhow!("has no host"))?;
     match url.scheme() {
         "https" => Ok(()),
         "http" => {
-            let loopback = match host {
-                url::Host::Domain(d) => d == "localhost",
-                url::Host::Ipv4(ip) => ip.is_loopback(),
-                url::Host::Ipv6(ip) => ip.is_loopback(),
-            };
-            if loopback || insecure_http {
+            if is_loopback(url) || insecure_http {
                 Ok(())
             } else {
                 bail!(

@@ -179,7 +179,7 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         builder = builder.tls_certs_merge(roots);
     }
     if svc.base_url.scheme() == "https"
-        && !is_loopback(&svc.base_url)
+        && !crate::config::is_loopback(&svc.base_url)
         && let Some(url) = https_proxy_from_env()
     {
         // Not the URL itself in the error: it can carry the proxy's own credentials.
@@ -189,17 +189,6 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_env()));
     }
     Ok(builder.build()?)
-}
-
-/// Whether the origin is this host. Such an origin is never reached through a proxy (as Go's
-/// `ProxyFromEnvironment` does): the proxy's loopback is not ours.
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
 }
 
 /// The tunnelling proxy for HTTPS requests named in the daemon's environment, if any. Only an
@@ -429,8 +418,6 @@ impl<'a> StreamScrubber<'a> {
     }
 }
 
-/// Turns a reqwest error into a reason for the caller. reqwest's own text can include the URL, and
-/// with a query-injected key the URL holds the key, so it is never passed through.
 /// Why TLS refused the upstream, when it did: the certificate's problem, which is the part a person
 /// can act on (rustls's own words for it; never a URL, which can hold a query-injected key).
 fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -457,6 +444,8 @@ fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
+/// Turns a reqwest error into a reason for the caller. reqwest's own text can include the URL, and
+/// with a query-injected key the URL holds the key, so it is never passed through.
 fn classify(e: reqwest::Error, timeout: Duration) -> ProxyError {
     if e.is_timeout() {
         ProxyError::Timeout(timeout)

@@ -144,10 +144,13 @@ fn watch_new_dirs(
     files: &BTreeSet<PathBuf>,
     watching: &mut BTreeSet<PathBuf>,
 ) {
-    for d in dirs(files).difference(&watching.clone()) {
-        match watcher.watch(d, RecursiveMode::NonRecursive) {
+    for d in dirs(files) {
+        if watching.contains(&d) {
+            continue;
+        }
+        match watcher.watch(&d, RecursiveMode::NonRecursive) {
             Ok(()) => {
-                watching.insert(d.clone());
+                watching.insert(d);
             }
             Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
         }
@@ -208,8 +211,9 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     })?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut files = watched_files(&b);
     let audit_dir = b.served().config.audit_log.parent().map(Path::to_owned);
-    if let Some(d) = audit_dir.filter(|d| dirs(&watched_files(&b)).contains(d)) {
+    if let Some(d) = audit_dir.filter(|d| dirs(&files).contains(d)) {
         // inotify reports every write in a watched directory, the trail's appends included.
         tracing::warn!(
             dir = %d.display(),
@@ -218,7 +222,6 @@ pub fn spawn(b: Broker, shutdown: CancellationToken) -> anyhow::Result<()> {
              to save that work on every request"
         );
     }
-    let mut files = watched_files(&b);
     let mut seen = stamps(&files);
     let mut via = symlinked_through(&files);
     let mut watching = BTreeSet::new();

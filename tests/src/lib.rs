@@ -320,6 +320,13 @@ pub struct TestDaemon {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// `tilld --config CONFIG`.
+fn tilld_on(config: &Path) -> Command {
+    let mut cmd = Command::new(bin("tilld"));
+    cmd.arg("--config").arg(config);
+    cmd
+}
+
 /// The config every test daemon starts from: `echo` (bearer, `* /**`), `other` (a header
 /// key, `GET /**`), `q` (key in the query) and `basic` (basic auth), all on `upstream`.
 pub fn standard_config(dir: &Path, upstream: &str, extra_daemon: &str) -> String {
@@ -372,14 +379,25 @@ impl TestDaemon {
     }
 
     pub fn start_extra(upstream: &Upstream, extra_daemon: &str) -> TestDaemon {
+        Self::start_fresh(upstream, extra_daemon, "", tilld_on)
+    }
+
+    /// A fresh temp dir (kept as long as the daemon) with the standard config for `upstream`:
+    /// `extra_daemon` in its `[daemon]` section, `more` at its end (`{dir}` in it becomes the
+    /// directory, where `echo.key` is), and `tilld` started on it by `command`.
+    fn start_fresh(
+        upstream: &Upstream,
+        extra_daemon: &str,
+        more: &str,
+        command: impl FnOnce(&Path) -> Command,
+    ) -> TestDaemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
-        std::fs::write(
-            dir.join("till.toml"),
-            standard_config(&dir, &upstream.url(), extra_daemon),
-        )
-        .expect("config");
-        let mut d = Self::start_in(&dir);
+        let config = standard_config(&dir, &upstream.url(), extra_daemon)
+            + &more.replace("{dir}", &dir.display().to_string());
+        std::fs::write(dir.join("till.toml"), config).expect("config");
+        let started = Self::try_start_with(&dir, command);
+        let mut d = started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"));
         d._tmp = Some(tmp);
         d
     }
@@ -388,37 +406,22 @@ impl TestDaemon {
     /// becomes the daemon's directory, where `echo.key` is) and these variables added to the
     /// daemon's environment.
     pub fn start_with_env(upstream: &Upstream, more: &str, env: &[(&str, &str)]) -> TestDaemon {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().to_owned();
-        let config = standard_config(&dir, &upstream.url(), "")
-            + &more.replace("{dir}", &dir.display().to_string());
-        std::fs::write(dir.join("till.toml"), config).expect("config");
-        let started = Self::try_start_with(&dir, |config| {
-            let mut cmd = Command::new(bin("tilld"));
-            cmd.arg("--config").arg(config).envs(env.iter().copied());
+        Self::start_fresh(upstream, "", more, |config| {
+            let mut cmd = tilld_on(config);
+            cmd.envs(env.iter().copied());
             cmd
-        });
-        let mut d = started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"));
-        d._tmp = Some(tmp);
-        d
+        })
     }
 
     /// As [`TestDaemon::start`], in a process started with these limits on open descriptors.
     pub fn start_with_fd_limit(upstream: &Upstream, soft: u32, hard: u32) -> TestDaemon {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().to_owned();
-        let config = standard_config(&dir, &upstream.url(), "");
-        std::fs::write(dir.join("till.toml"), config).expect("config");
         let script =
             format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" --config \"$1\"");
-        let started = Self::try_start_with(&dir, |config| {
+        Self::start_fresh(upstream, "", "", |config| {
             let mut cmd = Command::new("bash");
             cmd.arg("-c").arg(&script).arg(bin("tilld")).arg(config);
             cmd
-        });
-        let mut d = started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"));
-        d._tmp = Some(tmp);
-        d
+        })
     }
 
     /// Waits (60 s at most) until the daemon's log contains `needle`.
@@ -437,8 +440,8 @@ impl TestDaemon {
     /// Starts `tilld --config CONFIG` in the working directory `dir` (CONFIG relative to it).
     pub fn start_in_cwd(dir: &Path, config: &str) -> TestDaemon {
         let started = Self::try_start_with(dir, |_| {
-            let mut cmd = Command::new(bin("tilld"));
-            cmd.current_dir(dir).arg("--config").arg(config);
+            let mut cmd = tilld_on(Path::new(config));
+            cmd.current_dir(dir);
             cmd
         });
         started.unwrap_or_else(|msg| panic!("tilld did not become ready: {msg}"))
@@ -454,11 +457,7 @@ impl TestDaemon {
 
     /// Starts `tilld` and waits for `READY=1`; on failure returns its exit status and log.
     pub fn try_start_in(dir: &Path) -> Result<TestDaemon, String> {
-        Self::try_start_with(dir, |config| {
-            let mut cmd = Command::new(bin("tilld"));
-            cmd.arg("--config").arg(config);
-            cmd
-        })
+        Self::try_start_with(dir, tilld_on)
     }
 
     /// Starts `tilld` as systemd's socket activation would: the listening sockets `fds` (already

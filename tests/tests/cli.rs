@@ -229,12 +229,16 @@ fn check_validates_config_and_refuses_loose_secret_files() {
 
     // An HTTPS origin goes through HTTPS_PROXY: a proxy URL that does not parse is an error, and
     // the error does not repeat it (it can carry the proxy's password).
-    let mut config = till_tests::standard_config(dir.path(), "http://127.0.0.1:9", "");
-    config.push_str(&format!(
-        "[services.secure]\nbase_url = \"https://api.example.com\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
-        dir.path().display()
-    ));
-    std::fs::write(dir.path().join("till.toml"), config).expect("config");
+    // The standard config plus one more service: its base URL, and any more lines of it.
+    let with_service = |base: &str, more: &str| {
+        let mut config = till_tests::standard_config(dir.path(), "http://127.0.0.1:9", "");
+        config.push_str(&format!(
+            "[services.added]\nbase_url = \"{base}\"\n{more}secret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
+            dir.path().display()
+        ));
+        std::fs::write(dir.path().join("till.toml"), config).expect("config");
+    };
+    with_service("https://api.example.com", "");
     let out = Command::new(bin("tilld"))
         .arg("--check")
         .arg("--config")
@@ -268,12 +272,7 @@ fn check_validates_config_and_refuses_loose_secret_files() {
             "holds no PEM certificate",
         ),
     ] {
-        let mut config = till_tests::standard_config(dir.path(), "http://127.0.0.1:9", "");
-        config.push_str(&format!(
-            "[services.private]\nbase_url = \"{base}\"\nca_file = \"{ca}\"\nsecret = {{ file = \"{}/echo.key\" }}\nallow = [\"GET /**\"]\n",
-            dir.path().display()
-        ));
-        std::fs::write(dir.path().join("till.toml"), config).expect("config");
+        with_service(base, &format!("ca_file = \"{ca}\"\n"));
         let out = check();
         assert_eq!(out.status.code(), Some(1), "{base} {ca}");
         let err = text(&out.stderr);
