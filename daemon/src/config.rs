@@ -24,6 +24,10 @@ const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// As nginx's `client_header_timeout` (60 s) and hyper's own default (30 s): long enough for any
+/// SDK's pooled connection between requests, short enough that idle or stalled connections do
+/// not pile up.
+const DEFAULT_GATEWAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 const MAX_BODY_LIMIT: usize = 11 * 1024 * 1024;
 
@@ -104,6 +108,9 @@ struct DaemonSection {
     /// can spend it; off unless said here.
     #[serde(default)]
     gateway_allow_non_loopback: bool,
+    /// How long the gateway waits for a request's headers (on a new connection, or between
+    /// requests on a kept-alive one) before it closes the connection.
+    gateway_idle_timeout: Option<String>,
     admin_uids: Option<Vec<u32>>,
     max_body: Option<usize>,
     /// How long a spent, expired or revoked token's final state is kept for `till tokens --all`.
@@ -206,6 +213,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     pub gateway: Option<SocketAddr>,
+    pub gateway_idle_timeout: Duration,
     pub admin_uids: Vec<u32>,
     pub default_uses: u32,
     pub default_ttl: Duration,
@@ -448,6 +456,11 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         state_dir,
         audit_log,
         gateway,
+        gateway_idle_timeout: duration(
+            "daemon.gateway_idle_timeout",
+            &d.gateway_idle_timeout,
+            DEFAULT_GATEWAY_IDLE_TIMEOUT,
+        )?,
         admin_uids,
         default_uses,
         default_ttl,

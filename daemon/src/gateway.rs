@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use till_protocol::ErrorCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -86,6 +86,7 @@ async fn connection(
     mcp: Arc<crate::mcp::HttpService>,
     shutdown: CancellationToken,
 ) {
+    let idle = b.served().config.gateway_idle_timeout;
     let svc = hyper::service::service_fn(move |req| {
         let b = b.clone();
         let peer = peer.clone();
@@ -100,8 +101,12 @@ async fn connection(
             Ok::<_, Infallible>(handle(&b, &peer, req).await)
         }
     });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    // Without a timer hyper applies no header timeout at all: a connection that never sends a
+    // request (or stops between two) would hold its descriptor and task for ever.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

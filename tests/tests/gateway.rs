@@ -453,3 +453,45 @@ async fn healthz_and_metrics() {
         "{text}"
     );
 }
+
+/// A connection that sends no request, stalls in its headers, or idles after one, is closed after
+/// `gateway_idle_timeout`; the gateway goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_stalled_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, &format!("{GATEWAY}\ngateway_idle_timeout = \"1s\""));
+    let g = d.gateway_url().await;
+    let addr = g.trim_start_matches("http://").to_owned();
+    for first in [
+        &b""[..],
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(first).await.expect("write");
+        let mut got = Vec::new();
+        // The guard only turns a hang into a failure; the server closes after about 1 s.
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut got)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "{:?}: not closed by the gateway",
+            String::from_utf8_lossy(first)
+        );
+        let answered = String::from_utf8_lossy(&got);
+        assert_eq!(
+            answered.starts_with("HTTP/1.1 200"),
+            first.ends_with(b"\r\n\r\n"),
+            "{answered}"
+        );
+    }
+    let ok = http()
+        .get(format!("{g}/healthz"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ok.status(), 200);
+}
