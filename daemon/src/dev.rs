@@ -97,7 +97,6 @@ pub fn write_config(dir: &Path, echo: std::net::SocketAddr) -> Result<std::path:
 [daemon]
 socket = "{d}/till.sock"
 state_dir = "{d}/state"
-audit_log = "{d}/audit.jsonl"
 gateway = "127.0.0.1:0"
 
 [services.echo]

@@ -1,5 +1,6 @@
 //! `tilld`: parse flags, install tracing, harden the process, load config, bind, run.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,8 +33,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour only for a person at a terminal: journald, files and pipes get plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TILL_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -199,3 +199,14 @@ async fn ready_then_watchdog_pings_when_systemd_asks_for_them() {
         .expect("pinged");
     assert!(ready < ping, "READY=1 comes first: {seen:?}");
 }
+
+/// journald, log files and pipes get plain text: no terminal colour codes in what tilld logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_plain_text_when_stderr_is_not_a_terminal() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    d.wait_log("tilld ready").await;
+    let log = d.log_text();
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+}
