@@ -27,6 +27,9 @@ use till_protocol::audit::{GENESIS, checkpoint_message, line_hash};
 pub enum EventKind {
     Mint,
     Activate,
+    /// How the upstream answered an activation (`status`), or why it did not (`reason`): written
+    /// once the answer's head is in, before the caller sees it.
+    Answer,
     Deny,
     Revoke,
     Reload,

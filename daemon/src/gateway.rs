@@ -329,12 +329,12 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     let upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            return refusal_response(
-                &upstream_refusal(&act.claims.service, &e),
-                Some(act.remaining),
-            );
+            let refusal = upstream_refusal(&act.claims.service, &e);
+            act.audit_answer(b, Err(&refusal));
+            return refusal_response(&refusal, Some(act.remaining));
         }
     };
+    act.audit_answer(b, Ok(upstream.status().as_u16()));
     let mut resp = Response::builder().status(upstream.status().as_u16());
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
         if let (Ok(k), Ok(v)) = (

@@ -440,6 +440,56 @@ async fn the_key_reaches_the_upstream_and_never_the_caller() {
     }
 }
 
+/// Each activation's line is followed by its answer: the upstream's status, or why there was none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_activation_is_followed_by_its_answer_in_the_trail() {
+    let up = Upstream::start(Some("http://127.0.0.1:9/elsewhere".into())).await;
+    let down = "\n[services.down]\nbase_url = \"http://127.0.0.1:1\"\nsecret = { file = \"{dir}/echo.key\" }\nallow = [\"GET /**\"]\n";
+    let d = TestDaemon::start_with_env(&up, down, &[]);
+    let mut c = d.client().await;
+    for (path, status) in [("/v1/echo", 200), ("/redirect", 302)] {
+        let reply = call_once(&mut c, "echo", path).await.expect("call");
+        assert_eq!(reply.status, status);
+    }
+    assert_eq!(
+        code(call_once(&mut c, "down", "/x").await),
+        ErrorCode::UpstreamFailed
+    );
+
+    let events: Vec<serde_json::Value> = d
+        .audit_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|v: &serde_json::Value| v["event"] == "activate" || v["event"] == "answer")
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|v| v["event"].as_str()).collect();
+    assert_eq!(kinds, ["activate", "answer"].repeat(3));
+    for pair in events.chunks(2) {
+        for field in ["token_id", "service", "method", "path"] {
+            assert_eq!(pair[0][field], pair[1][field], "{field}");
+        }
+        assert!(
+            pair[0]["status"].is_null(),
+            "the activation is written before any answer"
+        );
+    }
+    assert_eq!(events[1]["status"], 200);
+    assert_eq!(events[3]["status"], 302);
+    assert!(events[5]["status"].is_null());
+    let why = events[5]["reason"].as_str().expect("a reason");
+    assert!(
+        why.starts_with("upstream_failed: could not reach the upstream"),
+        "{why}"
+    );
+
+    let out = d.till(&["audit", "--event", "answer"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("GET /redirect") && shown.contains("status 302"),
+        "{shown}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_not_followed_to_another_origin() {
     let thief = Upstream::start(None).await;

@@ -354,6 +354,23 @@ async fn upstream_failures_are_502_and_504_with_a_clear_body() {
     .await;
     assert_eq!(status, 504, "{body}");
     assert!(!body.to_string().contains(SECRET));
+    // Both activations were spent, and the trail says why neither got an answer.
+    let reasons: Vec<String> = d
+        .audit_text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["event"] == "answer")
+        .map(|v| format!("{} {}", v["service"], v["reason"]))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("\"down\" \"upstream_failed:"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("\"slow\" \"upstream_timeout:"),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

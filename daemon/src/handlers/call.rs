@@ -38,6 +38,8 @@ pub struct Activation {
     pub method: Method,
     pub path: RequestPath,
     pub remaining: u32,
+    /// The activation's audit event, which its answer line repeats.
+    event: Event,
     /// Counts this call in flight until the caller is done with it (upstream answer included).
     _in_flight: CallInFlight,
 }
@@ -106,8 +108,25 @@ pub async fn activate(
         method,
         path,
         remaining,
+        event,
         _in_flight: in_flight,
     })
+}
+
+impl Activation {
+    /// The second line of every activation: the upstream's status, or why there was none. The
+    /// request has been made by then, so a line that cannot be written is logged, and the caller
+    /// still gets the answer.
+    pub fn audit_answer(&self, b: &Broker, outcome: Result<u16, &Refusal>) {
+        let mut event = self.event.clone();
+        match outcome {
+            Ok(status) => event.status = Some(status),
+            Err(r) => event.reason = Some(format!("{}: {}", r.code.as_str(), r.message)),
+        }
+        if let Err(e) = b.audit.record(EventKind::Answer, event) {
+            tracing::error!(error = %e, "could not audit an upstream answer");
+        }
+    }
 }
 
 /// How an upstream failure reads to the caller. The activation was spent: the request was sent.
@@ -146,14 +165,21 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     let result = proxy::forward(&svc, out, b.served().config.max_body).await;
     b.metrics.upstream(&act.claims.service, started.elapsed());
     match result {
-        Ok(reply) => Ok(Response::Called(CallReply {
-            status: reply.status,
-            headers: reply.headers,
-            body: reply.body,
-            token_id: act.claims.id.to_string(),
-            activations_remaining: act.remaining,
-        })),
-        Err(e) => Err(upstream_refusal(&act.claims.service, &e)),
+        Ok(reply) => {
+            act.audit_answer(b, Ok(reply.status));
+            Ok(Response::Called(CallReply {
+                status: reply.status,
+                headers: reply.headers,
+                body: reply.body,
+                token_id: act.claims.id.to_string(),
+                activations_remaining: act.remaining,
+            }))
+        }
+        Err(e) => {
+            let refusal = upstream_refusal(&act.claims.service, &e);
+            act.audit_answer(b, Err(&refusal));
+            Err(refusal)
+        }
     }
 }
 

@@ -139,7 +139,11 @@ pub fn audit(lines: &[String]) {
             v["peer"]["uid"]
                 .as_u64()
                 .map_or("-".into(), |u| u.to_string()),
-            s("reason")
+            match (v["reason"].as_str(), v["status"].as_u64()) {
+                (Some(r), _) => r.to_owned(),
+                (None, Some(status)) => format!("status {status}"),
+                (None, None) => "-".into(),
+            }
         );
     }
 }
