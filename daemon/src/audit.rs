@@ -90,6 +90,37 @@ struct Line<'a> {
     prev: &'a str,
 }
 
+/// The most bytes of each field an audit line carries. Fields can hold what a caller sent (a service
+/// name, a path, a refusal quoting either); a line stays small whatever they sent.
+const MAX_NAME: usize = 128;
+const MAX_PATH: usize = 8 * 1024;
+const MAX_REASON: usize = 2 * 1024;
+
+impl Event {
+    fn clipped(&self) -> Option<Event> {
+        let over = |f: &Option<String>, max: usize| f.as_ref().is_some_and(|s| s.len() > max);
+        if !(over(&self.token_id, MAX_NAME)
+            || over(&self.service, MAX_NAME)
+            || over(&self.method, MAX_NAME)
+            || over(&self.path, MAX_PATH)
+            || over(&self.reason, MAX_REASON))
+        {
+            return None;
+        }
+        let clip =
+            |f: &Option<String>, max: usize| f.as_deref().map(|s| crate::clip(s, max).into_owned());
+        Some(Event {
+            token_id: clip(&self.token_id, MAX_NAME),
+            service: clip(&self.service, MAX_NAME),
+            method: clip(&self.method, MAX_NAME),
+            path: clip(&self.path, MAX_PATH),
+            status: self.status,
+            peer: self.peer.clone(),
+            reason: clip(&self.reason, MAX_REASON),
+        })
+    }
+}
+
 /// A checkpoint is written after this many events (and by a timer, and at start and stop).
 pub const CHECKPOINT_EVERY: u64 = 100;
 
@@ -115,6 +146,8 @@ impl Writer {
             let s = self.signer.sign(&checkpoint_message(seq, &self.prev));
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.to_bytes())
         });
+        let clipped = event.clipped();
+        let event = clipped.as_ref().unwrap_or(event);
         let (line, hash) = chain_line(seq, kind, event, &self.prev, sig);
         self.file.write_all(line.as_bytes()).map_err(|e| {
             tracing::error!(error = %e, "audit write failed");

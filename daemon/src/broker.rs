@@ -321,7 +321,8 @@ impl Broker {
             Refusal::new(
                 ErrorCode::UnknownService,
                 format!(
-                    "no service named {name:?} is configured (configured: {}); `till services` lists them",
+                    "no service named {:?} is configured (configured: {}); `till services` lists them",
+                    crate::clip(name, 128),
                     if names.is_empty() { "none".to_string() } else { names.join(", ") }
                 ),
             )
@@ -338,9 +339,33 @@ impl Broker {
     /// Records a denial in the trail and returns the refusal to send back.
     /// Every refusal is counted; each is logged, except that past `alerts.refusal_burst` in 10 s
     /// from one peer they are summed up in one line per window after one `refusal_burst` alert.
-    pub fn deny(&self, peer: &Peer, mut event: Event, refusal: Refusal) -> Refusal {
+    pub fn deny(&self, peer: &Peer, event: Event, refusal: Refusal) -> Refusal {
+        self.deny_with(peer, event, refusal, "")
+    }
+
+    /// [`Broker::deny`] for a refused request other than a call: `what` it attempted (`mint`,
+    /// `revoke`, ...) leads the reason, since the line has no method and path to say it.
+    pub fn deny_request(
+        &self,
+        peer: &Peer,
+        what: &str,
+        service: Option<String>,
+        refusal: Refusal,
+    ) -> Refusal {
+        let event = Event {
+            service,
+            ..Event::default()
+        };
+        self.deny_with(peer, event, refusal, &format!("{what} refused: "))
+    }
+
+    fn deny_with(&self, peer: &Peer, mut event: Event, refusal: Refusal, lead: &str) -> Refusal {
         event.peer = Some(PeerJson::from(peer));
-        event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
+        event.reason = Some(format!(
+            "{lead}{}: {}",
+            refusal.code.as_str(),
+            refusal.message
+        ));
         self.metrics.refusal(refusal.code.as_str());
         let limit = self.served().config.alerts.refusal_burst;
         let (what, carried) = self.bursts.refusal(peer, limit);

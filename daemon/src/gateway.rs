@@ -21,7 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -276,21 +276,24 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         match v.to_str() {
             Ok(v) => headers.push((k.as_str().to_owned(), v.to_owned())),
             Err(_) => {
-                let r = Refusal::bad_request(format!("header {k} is not valid text"));
-                return refusal_response(&r, None);
+                let r = Refusal::bad_request(format!(
+                    "header {} is not valid text",
+                    crate::clip(k.as_str(), 128)
+                ));
+                return refusal_response(&b.deny(peer, refused(&service, &method), r), None);
             }
         }
     }
     // The request body is read whole, within the limit, before an activation is taken: a body
     // over the limit is refused for free.
     let max = b.served().config.max_body;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            let r = Refusal::bad_request(format!(
-                "the request body is over the limit of {max} bytes (or was cut off)"
-            ));
-            return refusal_response(&r, None);
+    let idle = b.served().config.gateway_idle_timeout;
+    let body = match read_body(req.into_body(), max, idle).await {
+        Ok(body) => body,
+        Err((status, r)) => {
+            let mut resp = refusal_response(&b.deny(peer, refused(&service, &method), r), None);
+            *resp.status_mut() = status;
+            return resp;
         }
     };
     let act = activate(
@@ -334,6 +337,13 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
             return refusal_response(&refusal, Some(act.remaining));
         }
     };
+    // An answer known to be over the limit is refused whole, while a clear refusal can still be
+    // sent; one of unknown length is cut off where it passes the limit (`stream_body`).
+    if upstream.content_length().is_some_and(|n| n > max as u64) {
+        let refusal = upstream_refusal(&act.claims.service, &proxy::ProxyError::TooLarge(max));
+        act.audit_answer(b, Err(&refusal));
+        return refusal_response(&refusal, Some(act.remaining));
+    }
     act.audit_answer(b, Ok(upstream.status().as_u16()));
     let mut resp = Response::builder().status(upstream.status().as_u16());
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
@@ -417,6 +427,65 @@ fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Bo
         }
     });
     BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+/// How much of a body over the limit is read and thrown away before the refusal goes back.
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
+/// Reads a request body whole, within `max` bytes, each piece within `idle`.
+///
+/// A body over the limit is read on and thrown away (up to [`DRAIN_MAX`] more) before the
+/// refusal is sent, as nginx's lingering close does: a client still sending when the connection
+/// closes gets a reset, which its SDK reports as a network error instead of Till's 413.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    idle: std::time::Duration,
+) -> Result<Bytes, (StatusCode, Refusal)> {
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                let r = Refusal::bad_request("the request body was cut off");
+                return Err((StatusCode::BAD_REQUEST, r));
+            }
+            Err(_) => {
+                let r = Refusal::bad_request(format!(
+                    "the request body stalled for {}s; send it whole",
+                    idle.as_secs()
+                ));
+                return Err((StatusCode::REQUEST_TIMEOUT, r));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= max {
+            kept.extend_from_slice(&data);
+        } else if seen > max.saturating_add(DRAIN_MAX) {
+            break;
+        }
+    }
+    if seen > max {
+        let r = Refusal::bad_request(format!(
+            "the request body is over the limit of {max} bytes (daemon.max_body)"
+        ));
+        return Err((StatusCode::PAYLOAD_TOO_LARGE, r));
+    }
+    Ok(kept.freeze())
+}
+
+/// The `deny` line of a request refused before `activate` (which records its own refusals).
+fn refused(service: &Option<String>, method: &str) -> crate::audit::Event {
+    crate::audit::Event {
+        service: service.clone(),
+        method: Some(method.to_owned()),
+        ..Default::default()
+    }
 }
 
 /// `till_secret_age_seconds{service}`: how old each key is, for alerting on `max_age`.

@@ -278,12 +278,11 @@ fn request_headers(
         _ => None,
     };
     for (k, v) in caller {
-        let name =
-            HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad_header(k))?;
         if DROPPED_REQUEST_HEADERS.contains(&name.as_str()) || Some(&name) == inject_name.as_ref() {
             continue;
         }
-        let value = HeaderValue::from_str(v).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| bad_header(k))?;
         map.append(name, value);
     }
     for (k, v) in &svc.default_headers {
@@ -301,12 +300,17 @@ fn request_headers(
     Ok(map)
 }
 
+/// The caller's header, named in the refusal, within reason.
+fn bad_header(name: &str) -> ProxyError {
+    ProxyError::BadHeader(crate::clip(name, 128).into_owned())
+}
+
 /// Validates what the caller sent without sending anything (so a bad header is refused before an
 /// activation is spent).
 pub fn check_headers(headers: &[(String, String)]) -> Result<(), ProxyError> {
     for (k, v) in headers {
-        HeaderName::from_bytes(k.as_bytes()).map_err(|_| ProxyError::BadHeader(k.clone()))?;
-        HeaderValue::from_str(v).map_err(|_| ProxyError::BadHeader(k.clone()))?;
+        HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad_header(k))?;
+        HeaderValue::from_str(v).map_err(|_| bad_header(k))?;
     }
     Ok(())
 }

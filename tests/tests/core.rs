@@ -735,6 +735,31 @@ async fn admin_operations_need_an_admin_uid() {
     c.revoke(RevokeTarget::Token(mine.info.id))
         .await
         .expect("a minter may revoke its own token");
+    // Each refusal is a `deny` line saying what was attempted (invariant 5); a refused mint too.
+    assert_eq!(
+        code(c.mint(mint_req("nope", &["GET /a"], 1)).await),
+        ErrorCode::UnknownService
+    );
+    let denied: Vec<String> = d
+        .audit_text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["event"] == "deny")
+        .map(|v| format!("{} {}", v["service"], v["reason"].as_str().unwrap_or("")))
+        .collect();
+    let expected = [
+        "null revoke refused: forbidden",
+        "\"echo\" revoke refused: forbidden",
+        "null audit refused: forbidden",
+        "\"nope\" mint refused: unknown_service",
+    ];
+    assert_eq!(denied.len(), expected.len(), "{denied:#?}");
+    for (line, want) in denied.iter().zip(expected) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

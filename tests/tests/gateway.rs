@@ -22,6 +22,19 @@ async fn mint(d: &TestDaemon, service: &str, allow: &[&str], uses: u32) -> Strin
         .token
 }
 
+/// Writes `request` whole on a new connection, then reads until the gateway closes it.
+async fn raw_http(addr: String, request: Vec<u8>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(&request).expect("the whole request is taken");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("the answer");
+        answer
+    })
+    .await
+    .expect("raw request")
+}
+
 async fn error_of(resp: reqwest::Response) -> (u16, String, serde_json::Value) {
     let status = resp.status().as_u16();
     let remaining = resp
@@ -292,15 +305,7 @@ async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
     let raw = format!(
         "GET http://{thief_host}/proxy/echo/x HTTP/1.1\r\nHost: {thief_host}\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
     );
-    let reply = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.write_all(raw.as_bytes()).expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    })
-    .await
-    .expect("raw request");
+    let reply = raw_http(addr, raw.into_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(thief.hits(), 0, "the other origin was never contacted");
     let seen = up.seen();
@@ -511,4 +516,55 @@ async fn idle_and_stalled_connections_are_closed() {
         .await
         .expect("send");
     assert_eq!(ok.status(), 200);
+}
+
+/// `max_body` bounds both ways: a request body over it is refused with 413 before anything is
+/// spent or sent (and is in the trail); an answer over it is cut off, not passed on whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_body_are_refused_or_cut_off() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, &format!("{GATEWAY}\nmax_body = 2048"));
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["POST /v1/echo"], 1).await;
+
+    // As Python's http.client and httpx do: send the whole body, then read the answer. Closing
+    // before the client is done sending would reset the connection and lose the refusal.
+    let addr = g.trim_start_matches("http://").to_owned();
+    let auth = format!("Bearer {t}");
+    let big = 32 << 20;
+    let mut request = format!(
+        "POST /proxy/echo/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {auth}\r\nContent-Length: {big}\r\n\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + big, b'x');
+    let raw = raw_http(addr, request).await;
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    assert!(raw.contains("over the limit of 2048 bytes"), "{raw}");
+    assert!(up.seen().is_empty(), "nothing went upstream");
+    let deny = d
+        .audit_text()
+        .lines()
+        .filter(|l| l.contains("\"deny\"") && l.contains("over the limit"))
+        .count();
+    assert_eq!(deny, 1, "the refusal is in the trail");
+
+    // Within the limit going up; the echo coming back (the body plus every header) is over it,
+    // and says so in its length: refused whole, the activation spent (the request went).
+    let resp = http()
+        .post(format!("{g}/proxy/echo/v1/echo"))
+        .bearer_auth(&t)
+        .body(vec![b'y'; 2000])
+        .send()
+        .await
+        .expect("send");
+    let (status, remaining, body) = error_of(resp).await;
+    assert_eq!((status, remaining.as_str()), (502, "0"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("larger than the limit of 2048 bytes"),
+        "{body}"
+    );
+    assert_eq!(up.seen().len(), 1);
 }

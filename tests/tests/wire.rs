@@ -168,3 +168,60 @@ async fn the_soft_limit_on_open_files_is_raised_to_the_hard_one() {
     let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers, ["4096", "4096"], "{line}");
 }
+
+/// Names a caller sends are quoted clipped, in refusals and in the trail: a peer cannot write
+/// megabytes into the audit trail (or flush its history out through rotation) with one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_name_cannot_bloat_the_trail_or_the_refusal() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let mut c = d.client().await;
+    let huge = "s".repeat(1 << 20);
+    let before = d.audit_text().len();
+
+    let call = till_protocol::CallRequest {
+        service: Some(huge.clone()),
+        method: "GET".into(),
+        path: "/x".into(),
+        ..Default::default()
+    };
+    let mint = till_protocol::MintRequest {
+        service: huge.clone(),
+        ..Default::default()
+    };
+    let header = till_protocol::CallRequest {
+        service: Some("echo".into()),
+        method: "GET".into(),
+        path: "/x".into(),
+        headers: vec![(format!("bad header {huge}"), "v".into())],
+        ..Default::default()
+    };
+    let refusals = [
+        c.call(call).await.map(|_| ()),
+        c.mint(mint).await.map(|_| ()),
+        c.call(header).await.map(|_| ()),
+    ];
+    for r in refusals {
+        let Err(till_client::ClientError::Refused { message, .. }) = r else {
+            panic!("expected a refusal, got {r:?}");
+        };
+        assert!(message.len() < 1024, "{} bytes", message.len());
+        assert!(
+            message.contains(" bytes]"),
+            "the name is clipped: {message}"
+        );
+    }
+    let trail = d.audit_text();
+    let grown = &trail[before..];
+    assert_eq!(
+        grown.lines().filter(|l| l.contains("\"deny\"")).count(),
+        3,
+        "{grown}"
+    );
+    assert!(
+        grown.len() < 16 * 1024,
+        "the trail grew by {} bytes",
+        grown.len()
+    );
+    assert!(d.till(&["audit", "verify"]).status.success());
+}
