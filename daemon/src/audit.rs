@@ -297,22 +297,101 @@ impl Audit {
             .verifying_key()
     }
 
-    /// The last `n` lines of the trail, oldest first.
+    /// The last `n` lines of the trail that `judge` keeps, oldest first, at most `max_bytes` of
+    /// them. The file is read backwards from its end and no further than needed: `judge` says
+    /// `Stop` at the first line too old to matter, so a follower asking for what came after
+    /// the last line it saw costs a read of the new lines only, not of the whole trail.
     pub async fn tail(
         &self,
         n: usize,
-        keep: impl Fn(&str) -> bool + Send + 'static,
+        max_bytes: usize,
+        judge: impl Fn(&str) -> Scan + Send + 'static,
     ) -> Result<Vec<String>, String> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
-            let start = lines.len().saturating_sub(n);
-            Ok(lines[start..].iter().map(|l| (*l).to_owned()).collect())
+            tail_file(&path, n, max_bytes, judge).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// What [`Audit::tail`] does with a line, newest first.
+pub enum Scan {
+    Keep,
+    Skip,
+    /// This line and every older one are out of the window.
+    Stop,
+}
+
+fn tail_file(
+    path: &Path,
+    n: usize,
+    max_bytes: usize,
+    judge: impl Fn(&str) -> Scan,
+) -> std::io::Result<Vec<String>> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 64 * 1024;
+    let file = File::open(path)?;
+    let mut pos = file.metadata()?.len();
+    let mut kept = Vec::new();
+    let mut bytes = 0;
+    // The end of a line whose start is in a block not read yet (with its newline).
+    let mut carry: Vec<u8> = Vec::new();
+    // A last line without its newline is still being written: not a line yet.
+    let mut complete_only = true;
+    'blocks: while pos > 0 {
+        let start = pos.saturating_sub(BLOCK);
+        let mut buf = vec![0u8; (pos - start) as usize];
+        file.read_exact_at(&mut buf, start)?;
+        buf.extend_from_slice(&carry);
+        pos = start;
+        let lines_from = if start == 0 {
+            0
+        } else {
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => {
+                    carry = buf;
+                    continue;
+                }
+            }
+        };
+        let mut region = &buf[lines_from..];
+        if std::mem::take(&mut complete_only) && !region.ends_with(b"\n") {
+            let cut = region
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            region = &region[..cut];
+        }
+        for line in region.rsplit(|&b| b == b'\n') {
+            let Ok(line) = std::str::from_utf8(line) else {
+                continue;
+            };
+            if line.is_empty() {
+                continue;
+            }
+            match judge(line) {
+                Scan::Skip => {}
+                Scan::Stop => break 'blocks,
+                Scan::Keep => {
+                    bytes += line.len();
+                    if bytes > max_bytes {
+                        break 'blocks;
+                    }
+                    kept.push(line.to_owned());
+                    if kept.len() >= n {
+                        break 'blocks;
+                    }
+                }
+            }
+        }
+        buf.truncate(lines_from);
+        carry = buf;
+    }
+    kept.reverse();
+    Ok(kept)
 }
 
 /// Finds the seq and hash of the last complete line, to continue the chain after a restart.
@@ -377,6 +456,55 @@ mod tests {
     use till_protocol::audit::verify_chain;
 
     use super::*;
+
+    /// The backward reader agrees with reading the whole file forwards: lines across block
+    /// boundaries, a line longer than a block, a last line still being written, `n`, the byte
+    /// budget and `Stop`.
+    #[test]
+    fn tail_reads_backwards_as_a_forward_read_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let mut text = String::new();
+        for i in 0..3000u32 {
+            let pad = if i == 1700 {
+                200_000
+            } else {
+                (i as usize * 37) % 300
+            };
+            text.push_str(&format!("{i} {}\n", "x".repeat(pad)));
+        }
+        std::fs::write(&path, format!("{text}9999 half-writ")).expect("write");
+        let all: Vec<&str> = text.lines().collect();
+        let seq = |l: &str| l.split(' ').next().and_then(|n| n.parse::<u32>().ok());
+        for n in [1, 5, 100, 1299, 1301, 2999, 3000, 5000] {
+            let got = tail_file(&path, n, usize::MAX, |_| Scan::Keep).expect("tail");
+            assert_eq!(got, all[all.len().saturating_sub(n)..], "n = {n}");
+        }
+        let even = |l: &str| {
+            if seq(l).is_some_and(|s| s % 2 == 0) {
+                Scan::Keep
+            } else {
+                Scan::Skip
+            }
+        };
+        let got = tail_file(&path, 10, usize::MAX, even).expect("tail");
+        let want: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|l| seq(l).is_some_and(|s| s % 2 == 0))
+            .collect();
+        assert_eq!(got, want[want.len() - 10..]);
+        let after = |l: &str| match seq(l) {
+            Some(s) if s <= 1650 => Scan::Stop,
+            _ => Scan::Keep,
+        };
+        let got = tail_file(&path, usize::MAX, usize::MAX, after).expect("tail");
+        assert_eq!(got, all[1651..]);
+        let got = tail_file(&path, usize::MAX, 10_000, |_| Scan::Keep).expect("tail");
+        let size: usize = got.iter().map(String::len).sum();
+        assert!(size <= 10_000 && size > 9_000, "{size}");
+        assert_eq!(got.last().map(String::as_str), all.last().copied());
+    }
 
     fn trail(n: u64) -> String {
         let mut prev = GENESIS.to_string();

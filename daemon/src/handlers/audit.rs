@@ -2,11 +2,15 @@
 
 use till_protocol::{AuditReply, AuditRequest, Response};
 
+use crate::audit::Scan;
 use crate::broker::{Broker, Refusal};
 use crate::peer::Peer;
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 100_000;
+/// Lines in one reply, in bytes: well inside a frame (16 MiB) once JSON-escaped. A follower
+/// that falls further behind than this in one poll sees the newest lines.
+const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
 pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Response, Refusal> {
     b.require_admin(peer, "reading the audit trail")?;
@@ -24,28 +28,55 @@ pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Respon
         })?),
         None => None,
     };
-    let keep = move |line: &str| -> bool {
+    // Lines are in `seq` and time order, so the first one (from the end) at or before the window
+    // ends the scan.
+    // The daemon writes compact JSON, so a line about token T holds `"token_id":"T"` verbatim:
+    // lines without every wanted field are skipped before they are parsed (unless the window
+    // needs each line's seq or time).
+    let needles: Vec<String> = [
+        ("token_id", &req.token),
+        ("service", &req.service),
+        ("event", &req.event),
+    ]
+    .into_iter()
+    .filter_map(|(k, want)| {
+        let want = serde_json::to_string(want.as_ref()?).ok()?;
+        Some(format!("\"{k}\":{want}"))
+    })
+    .collect();
+    let windowed = req.after_seq.is_some() || since.is_some();
+    let judge = move |line: &str| -> Scan {
+        if !windowed && !needles.iter().all(|n| line.contains(n.as_str())) {
+            return Scan::Skip;
+        }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            return false;
+            return Scan::Skip;
         };
+        if req
+            .after_seq
+            .is_some_and(|a| v["seq"].as_u64().is_some_and(|s| s <= a))
+        {
+            return Scan::Stop;
+        }
+        if since.is_some_and(|t| {
+            v["ts"]
+                .as_str()
+                .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
+                .is_some_and(|ts| ts < t)
+        }) {
+            return Scan::Stop;
+        }
         let is = |field: &str, want: &Option<String>| {
             want.as_ref()
                 .is_none_or(|w| v[field].as_str() == Some(w.as_str()))
         };
-        is("token_id", &req.token)
-            && is("service", &req.service)
-            && is("event", &req.event)
-            && req
-                .after_seq
-                .is_none_or(|a| v["seq"].as_u64().is_some_and(|s| s > a))
-            && since.is_none_or(|t| {
-                v["ts"]
-                    .as_str()
-                    .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
-                    .is_some_and(|ts| ts >= t)
-            })
+        if is("token_id", &req.token) && is("service", &req.service) && is("event", &req.event) {
+            Scan::Keep
+        } else {
+            Scan::Skip
+        }
     };
-    let lines = b.audit.tail(n, keep).await.map_err(|e| {
+    let lines = b.audit.tail(n, MAX_REPLY_BYTES, judge).await.map_err(|e| {
         tracing::error!(error = %e, "cannot read the audit trail");
         Refusal::internal("the audit trail could not be read; see the daemon's log")
     })?;
