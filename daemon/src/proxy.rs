@@ -98,10 +98,18 @@ impl Scrubber {
             ));
         }
         if let Ok(s) = std::str::from_utf8(raw) {
-            let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
-            needles.push(Zeroizing::new(url.into_bytes()));
+            let url = Zeroizing::new(
+                url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>(),
+            );
+            // Percent-escapes in lower case too (`%2f`): servers that echo a URL differ.
+            needles.push(Zeroizing::new(lower_hex_escapes(&url).into_bytes()));
+            needles.push(Zeroizing::new(url.as_bytes().to_vec()));
             if let Ok(json) = serde_json::to_string(s) {
-                needles.push(Zeroizing::new(json.as_bytes()[1..json.len() - 1].to_vec()));
+                let json = Zeroizing::new(json);
+                let inner = &json[1..json.len() - 1];
+                // PHP's json_encode writes `/` as `\/`: a base64 key echoed by such an upstream.
+                needles.push(Zeroizing::new(inner.replace('/', "\\/").into_bytes()));
+                needles.push(Zeroizing::new(inner.as_bytes().to_vec()));
             }
         }
         needles.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
@@ -149,6 +157,24 @@ impl Scrubber {
         }
         out
     }
+}
+
+/// `s` with the hex digits of its percent-escapes in lower case.
+fn lower_hex_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut left = 0;
+    for c in s.chars() {
+        if c == '%' {
+            left = 2;
+            out.push(c);
+        } else if left > 0 {
+            left -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One reqwest client per service: its own connect timeout, no redirects, its extra trusted
@@ -504,11 +530,12 @@ mod tests {
         let s = Scrubber::new(&secret, &Inject::Basic { user: "u".into() });
         let basic = STANDARD.encode("u:sk-abc/def+ghi");
         let body = format!(
-            "a sk-abc/def+ghi b {basic} c sk-abc%2Fdef%2Bghi d sk-abc/def+ghisk-abc/def+ghi"
+            "a sk-abc/def+ghi b {basic} c sk-abc%2Fdef%2Bghi d sk-abc/def+ghisk-abc/def+ghi \
+             e sk-abc%2fdef%2bghi f {{\"k\":\"sk-abc\\/def+ghi\"}}"
         );
         let out = String::from_utf8(s.scrub(body.as_bytes())).expect("utf8");
         assert!(!out.contains("sk-abc"), "{out}");
         assert!(!out.contains(&basic), "{out}");
-        assert_eq!(out.matches("[redacted by till]").count(), 5, "{out}");
+        assert_eq!(out.matches("[redacted by till]").count(), 7, "{out}");
     }
 }
