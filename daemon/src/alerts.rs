@@ -80,6 +80,23 @@ impl Bursts {
 
 /// Raises an alert: the trail, the log, the command and webhook; then the revocation if the rule
 /// asks for it. Never fails the request that triggered it.
+/// Every environment variable that holds, or may hold, a master key: the ones services read now,
+/// and every preset's (a reload may have stopped reading one that is still set).
+fn key_variables(b: &Broker) -> Vec<String> {
+    let mut names: Vec<String> = b
+        .served()
+        .services
+        .values()
+        .filter_map(|s| s.config.secret.env.clone())
+        .collect();
+    for p in crate::presets::PRESETS {
+        names.extend(p.env.iter().map(|e| (*e).to_owned()));
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>, what: String) {
     tracing::warn!(alert = kind, uid = peer.uid, "{what}");
     let event = Event {
@@ -102,9 +119,15 @@ pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>
     .to_string();
     if let Some(cmd) = cfg.command.clone() {
         let payload = payload.clone();
+        let keys = key_variables(b);
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
-            let child = tokio::process::Command::new("/bin/sh")
+            let mut command = tokio::process::Command::new("/bin/sh");
+            // The command runs with tilld's environment, less every variable a key may be in.
+            for k in &keys {
+                command.env_remove(k);
+            }
+            let child = command
                 .arg("-c")
                 .arg(&cmd)
                 .stdin(std::process::Stdio::piped())

@@ -383,3 +383,48 @@ async fn an_alert_reaches_the_webhook_directly_even_with_a_proxy_in_the_environm
         "the alert went to the webhook, not through the proxy"
     );
 }
+
+/// The alert command runs with tilld's environment less every variable a key is, or may be, in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_command_never_sees_a_key_from_the_environment() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        "\n[services.envkey]\nbase_url = \"{}\"\nsecret = {{ env = \"TILL_TEST_ENV_KEY\" }}\nallow = [\"GET /**\"]\n\n[alerts]\ncommand = \"env > {{dir}}/alert.tmp && mv {{dir}}/alert.tmp {{dir}}/alert.env\"\n",
+        up.url()
+    );
+    let d = TestDaemon::start_with_env(
+        &up,
+        &more,
+        &[
+            ("TILL_TEST_ENV_KEY", "sk-env-key-0123456789abcdef"),
+            ("OPENAI_API_KEY", "sk-openai-key-0123456789abcdef"),
+            ("TILL_TEST_UNRELATED", "kept"),
+        ],
+    );
+    let mut c = d.client().await;
+    assert_eq!(
+        code(c.call(carrying_the_master_key()).await),
+        ErrorCode::BadRequest
+    );
+    let path = d.dir.join("alert.env");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let env = loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the alert command never ran"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(env.contains("TILL_TEST_UNRELATED=kept"), "{env}");
+    for gone in [
+        "TILL_TEST_ENV_KEY",
+        "sk-env-key",
+        "OPENAI_API_KEY",
+        "sk-openai-key",
+    ] {
+        assert!(!env.contains(gone), "{gone} reached the alert command");
+    }
+}
