@@ -31,6 +31,9 @@ fn record(i: u32) -> TokenRecord {
         revoked_at: None,
         last_used_at: None,
         canary: false,
+        budget: None,
+        budget_used: 0,
+        budget_lost: false,
     }
 }
 

@@ -446,12 +446,13 @@ impl Broker {
     /// activation from each of them: a narrowed token spends its ancestors' budget too, so a parent
     /// can never be overspent through its children. All changed records are queued for one durable
     /// commit. `fresh` is inserted first (a one-shot token minted for this request). Returns the
-    /// pending commit and the activations left on the token itself.
+    /// pending commit, the activations left on the token itself, and whether it or a token above
+    /// it has a budget (its answer's usage is then charged).
     pub fn reserve(
         &self,
         id: TokenId,
         fresh: Option<TokenRecord>,
-    ) -> Result<(Durable, u32), Refusal> {
+    ) -> Result<(Durable, u32, bool), Refusal> {
         let now = now_secs();
         let mut map = self.tokens();
         if let Some(rec) = fresh {
@@ -481,13 +482,34 @@ impl Broker {
                         ),
                     ));
                 }
-                TokenState::Spent => {
+                TokenState::Spent if rec.used >= rec.uses => {
                     return Err(Refusal::new(
                         ErrorCode::Exhausted,
                         format!(
                             "{whose}'s {} activation(s) are all spent; mint a new one, or ask your \
                              user for more activations",
                             rec.uses
+                        ),
+                    ));
+                }
+                TokenState::Spent if rec.budget_lost => {
+                    return Err(Refusal::new(
+                        ErrorCode::Exhausted,
+                        format!(
+                            "{whose}'s budget can no longer be kept: an answer did not report the \
+                             LLM tokens it used. Mint a new one; for a streamed OpenAI-style \
+                             request, ask for usage with \"stream_options\": {{\"include_usage\": true}}"
+                        ),
+                    ));
+                }
+                TokenState::Spent => {
+                    return Err(Refusal::new(
+                        ErrorCode::Exhausted,
+                        format!(
+                            "{whose}'s budget of {} LLM tokens is spent ({} used); mint a new one, \
+                             or ask your user for a larger budget",
+                            rec.budget.unwrap_or(0),
+                            rec.budget_used
                         ),
                     ));
                 }
@@ -500,11 +522,37 @@ impl Broker {
                 self.store.put(rec);
             }
         }
+        let budgeted = chain.iter().any(|l| map[l].budget.is_some());
         let rec = map.get_mut(&id).ok_or_else(unknown_token)?;
         rec.used += 1;
         rec.last_used_at = Some(now);
         let remaining = rec.uses - rec.used;
-        Ok((self.store.put_durable(rec), remaining))
+        Ok((self.store.put_durable(rec), remaining, budgeted))
+    }
+
+    /// Charges the LLM tokens an answer used to the token and every token it was narrowed from
+    /// that has a budget; `None` (the answer did not say) leaves their budgets unkeepable, so
+    /// they are spent. Queued for the store with the next durable batch: after a crash, a charge
+    /// made in the moment before it may be missing.
+    pub fn charge(&self, id: TokenId, used: Option<u64>) {
+        let mut map = self.tokens();
+        let Ok(chain) = lineage(&map, id) else {
+            return;
+        };
+        for link in chain {
+            if let Some(rec) = map.get_mut(&link)
+                && rec.budget.is_some()
+            {
+                match used {
+                    Some(n) => rec.budget_used = rec.budget_used.saturating_add(n),
+                    None => rec.budget_lost = true,
+                }
+                self.store.put(rec);
+            }
+        }
+        if used.is_none() {
+            tracing::warn!(token = %id, "an answer did not report its LLM usage; the token's budget can no longer be kept");
+        }
     }
 
     /// Removes tokens whose final state is older than the retention, from memory and the store.
@@ -594,7 +642,15 @@ impl TokenRecord {
             revoked_at: None,
             last_used_at: None,
             canary: false,
+            budget: c.budget,
+            budget_used: 0,
+            budget_lost: false,
         }
+    }
+
+    /// Whether its budget, if it has one, is spent (or can no longer be kept).
+    pub fn over_budget(&self) -> bool {
+        self.budget_lost || self.budget.is_some_and(|b| self.budget_used >= b)
     }
 
     /// When the token stopped being spendable, if it has.
@@ -610,7 +666,7 @@ impl TokenRecord {
     pub fn state(&self, now: u64) -> TokenState {
         if self.revoked_at.is_some() {
             TokenState::Revoked
-        } else if self.used >= self.uses {
+        } else if self.used >= self.uses || self.over_budget() {
             TokenState::Spent
         } else if self.expires_at.is_some_and(|e| now >= e) {
             TokenState::Expired
@@ -635,6 +691,8 @@ impl TokenRecord {
             holder_uid: self.holder_uid,
             minted_by_uid: self.minted_by_uid,
             note: self.note.clone(),
+            budget: self.budget,
+            budget_used: self.budget_used,
         }
     }
 }

@@ -148,6 +148,9 @@ struct ServiceSection {
     /// PEM certificates trusted for this service's HTTPS origin, besides the system's (an internal
     /// API with a private CA).
     ca_file: Option<PathBuf>,
+    /// Its answers report LLM usage (`usage`, `usageMetadata`), so tokens may carry a budget.
+    /// Presets say it for themselves; for an OpenAI-compatible server of your own, say it here.
+    llm_usage: Option<bool>,
 }
 
 /// `{ header = "Authorization", value = "Bearer {secret}" }`, `{ query = "key" }` or
@@ -204,6 +207,8 @@ pub struct ServiceConfig {
     pub default_headers: Vec<(HeaderName, HeaderValue)>,
     /// Extra trusted roots for the HTTPS origin (read when the service's client is built).
     pub ca_file: Option<PathBuf>,
+    /// Tokens for it may carry a budget of LLM tokens (its answers report their usage).
+    pub llm_usage: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +295,7 @@ impl Config {
                         connect_timeout: None,
                         max_age: None,
                         ca_file: None,
+                        llm_usage: None,
                     },
                 );
             }
@@ -592,6 +598,7 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
         },
         default_headers,
         ca_file: s.ca_file,
+        llm_usage: s.llm_usage.unwrap_or(preset.is_some_and(|p| p.llm_usage)),
     })
 }
 

@@ -36,6 +36,7 @@ use crate::broker::{Broker, Refusal, Service};
 use crate::handlers::call::{CallTarget, activate, upstream_refusal};
 use crate::peer::Peer;
 use crate::proxy::{self, Outgoing, StreamScrubber};
+use crate::usage::UsageMeter;
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -355,18 +356,53 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         }
     }
     resp = resp.header(REMAINING_HEADER, act.remaining);
-    let body = stream_body(svc.clone(), upstream, max);
+    let remaining = act.remaining;
+    let metering = act.budgeted.then(|| {
+        let content_type = upstream
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        Metering {
+            meter: Some(UsageMeter::new(content_type)),
+            status: upstream.status().as_u16(),
+            broker: b.clone(),
+            act,
+        }
+    });
+    let body = stream_body(svc.clone(), upstream, max, metering);
     resp.body(body).unwrap_or_else(|_| {
         refusal_response(
             &Refusal::internal("could not build the response"),
-            Some(act.remaining),
+            Some(remaining),
         )
     })
 }
 
+/// A budgeted token's answer on its way: what it used is read as it passes and charged when the
+/// body ends, or when the caller goes away before that (whatever was reported by then).
+struct Metering {
+    broker: Broker,
+    act: crate::handlers::call::Activation,
+    status: u16,
+    meter: Option<UsageMeter>,
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        if let Some(m) = self.meter.take() {
+            self.act.charge(&self.broker, self.status, m.finish());
+        }
+    }
+}
+
 /// The upstream body, passed on chunk by chunk through the scrubber, within the size limit. The
 /// stream holds its service snapshot, so a reload mid-stream changes nothing for it.
-fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Body {
+fn stream_body(
+    svc: Arc<Service>,
+    upstream: reqwest::Response,
+    max: usize,
+    metering: Option<Metering>,
+) -> Body {
     struct State {
         svc: Arc<Service>,
         chunks: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
@@ -374,6 +410,7 @@ fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Bo
         seen: usize,
         max: usize,
         done: bool,
+        metering: Option<Metering>,
     }
     let state = State {
         svc,
@@ -382,6 +419,7 @@ fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Bo
         seen: 0,
         max,
         done: false,
+        metering,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         if st.done {
@@ -400,6 +438,9 @@ fn stream_body(svc: Arc<Service>, upstream: reqwest::Response, max: usize) -> Bo
                             Err(std::io::Error::other("upstream body over the limit")),
                             st,
                         ));
+                    }
+                    if let Some(m) = st.metering.as_mut().and_then(|m| m.meter.as_mut()) {
+                        m.feed(&chunk);
                     }
                     let out = scrub.push(&chunk);
                     st.held = scrub.into_held();

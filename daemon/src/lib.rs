@@ -32,6 +32,7 @@ pub mod server;
 pub mod signing;
 pub mod store;
 pub mod sys;
+pub mod usage;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;

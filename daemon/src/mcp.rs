@@ -50,6 +50,9 @@ pub struct RequestTokenArgs {
     /// A token you hold, to narrow for a sub-agent: the new token gets a subset of its rules, no
     /// longer a lifetime, and its activations count against the parent's too.
     pub parent: Option<String>,
+    /// The most LLM tokens (input and output) all the token's requests may use together, for an
+    /// LLM service. The request that crosses it completes; the next is refused.
+    pub budget_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -186,6 +189,7 @@ impl TillMcp {
             bind_to_peer: false,
             from: a.parent,
             canary: false,
+            budget: a.budget_tokens,
         };
         Ok(self.run(&peer, till_protocol::Request::Mint(req)).await)
     }

@@ -13,6 +13,8 @@ pub struct Preset {
     pub allow: &'static [&'static str],
     /// Sent when the caller does not set them (e.g. Anthropic requires a version header).
     pub default_headers: &'static [(&'static str, &'static str)],
+    /// Its answers report the LLM tokens they used, so a token for it may carry a budget.
+    pub llm_usage: bool,
 }
 
 const OPENAI_STYLE: &[&str] = &[
@@ -31,6 +33,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "anthropic",
@@ -43,6 +46,7 @@ pub const PRESETS: &[Preset] = &[
             "GET /v1/models/**",
         ],
         default_headers: &[("anthropic-version", "2023-06-01")],
+        llm_usage: true,
     },
     Preset {
         name: "gemini",
@@ -55,6 +59,7 @@ pub const PRESETS: &[Preset] = &[
             "* /v1beta/openai/**",
         ],
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "openrouter",
@@ -63,6 +68,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "mistral",
@@ -71,6 +77,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "groq",
@@ -79,6 +86,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "together",
@@ -87,6 +95,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "fireworks",
@@ -95,6 +104,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "perplexity",
@@ -103,6 +113,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: &["POST /chat/completions", "POST /v1/chat/completions"],
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "deepseek",
@@ -116,6 +127,7 @@ pub const PRESETS: &[Preset] = &[
             "GET /v1/models",
         ],
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "xai",
@@ -124,6 +136,7 @@ pub const PRESETS: &[Preset] = &[
         header: None,
         allow: OPENAI_STYLE,
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "cohere",
@@ -137,6 +150,7 @@ pub const PRESETS: &[Preset] = &[
             "GET /v1/models/**",
         ],
         default_headers: &[],
+        llm_usage: true,
     },
     Preset {
         name: "github",
@@ -148,6 +162,7 @@ pub const PRESETS: &[Preset] = &[
             ("accept", "application/vnd.github+json"),
             ("x-github-api-version", "2022-11-28"),
         ],
+        llm_usage: false,
     },
 ];
 

@@ -295,6 +295,7 @@ mod tests {
             expires_at: None,
             parent: None,
             holder_uid: None,
+            budget: None,
         };
         let good = claims.sign(&k.current()).expect("sign");
         assert_eq!(k.verify(&good).expect("good"), claims);

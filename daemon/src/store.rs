@@ -69,6 +69,15 @@ pub struct TokenRecord {
     /// A tripwire: presenting it raises the `canary` alert.
     #[serde(default)]
     pub canary: bool,
+    /// The most LLM tokens its answers may use together (the `budget` claim).
+    #[serde(default)]
+    pub budget: Option<u64>,
+    /// LLM tokens its answers (and those of tokens narrowed from it) have used.
+    #[serde(default)]
+    pub budget_used: u64,
+    /// An answer's usage could not be read, so the budget can no longer be kept: spent.
+    #[serde(default)]
+    pub budget_lost: bool,
 }
 
 struct Job {
@@ -692,6 +701,9 @@ mod tests {
             revoked_at: None,
             last_used_at: None,
             canary: false,
+            budget: None,
+            budget_used: 0,
+            budget_lost: false,
         };
         (id, Some(serde_json::to_vec(&r).expect("json")))
     }

@@ -166,6 +166,10 @@ pub struct MintRequest {
     /// `alerts.revoke_peer_on = ["canary"]`, revokes every token the presenter's uid minted).
     #[serde(default)]
     pub canary: bool,
+    /// A budget of LLM tokens (input and output, as the service's answers report their usage) for
+    /// all the token's requests together. Only for services whose answers report usage.
+    #[serde(default)]
+    pub budget: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +261,12 @@ pub struct TokenInfo {
     pub holder_uid: Option<u32>,
     pub minted_by_uid: Option<u32>,
     pub note: Option<String>,
+    /// The most LLM tokens the token's answers may use together, if it has a budget.
+    #[serde(default)]
+    pub budget: Option<u64>,
+    /// LLM tokens used so far (its own answers and those of tokens narrowed from it).
+    #[serde(default)]
+    pub budget_used: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

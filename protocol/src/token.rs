@@ -23,6 +23,7 @@ const SIG_LEN: usize = 64;
 const FLAG_EXPIRES: u8 = 1;
 const FLAG_PARENT: u8 = 2;
 const FLAG_HOLDER: u8 = 4;
+const FLAG_BUDGET: u8 = 8;
 const MAX_RULES: usize = 32;
 
 /// A token's identity: 16 random bytes, shown as 32 lowercase hex digits.
@@ -104,6 +105,9 @@ pub struct Claims {
     pub parent: Option<TokenId>,
     /// Only a peer with this uid may spend the token.
     pub holder_uid: Option<u32>,
+    /// The most LLM tokens (input and output, as the provider's answers count them in their
+    /// `usage`) the token's requests may use together.
+    pub budget: Option<u64>,
 }
 
 impl Claims {
@@ -124,6 +128,9 @@ impl Claims {
         if self.holder_uid.is_some() {
             flags |= FLAG_HOLDER;
         }
+        if self.budget.is_some() {
+            flags |= FLAG_BUDGET;
+        }
         out.push(flags);
         if let Some(exp) = self.expires_at {
             out.extend_from_slice(&exp.to_be_bytes());
@@ -133,6 +140,9 @@ impl Claims {
         }
         if let Some(uid) = self.holder_uid {
             out.extend_from_slice(&uid.to_be_bytes());
+        }
+        if let Some(budget) = self.budget {
+            out.extend_from_slice(&budget.to_be_bytes());
         }
         push_str(&mut out, &self.service, "service name")?;
         if self.rules.is_empty() || self.rules.len() > MAX_RULES {
@@ -274,7 +284,7 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     let issued_at = u64::from_be_bytes(r.array()?);
     let uses = u32::from_be_bytes(r.array()?);
     let flags = r.u8()?;
-    if flags & !(FLAG_EXPIRES | FLAG_PARENT | FLAG_HOLDER) != 0 {
+    if flags & !(FLAG_EXPIRES | FLAG_PARENT | FLAG_HOLDER | FLAG_BUDGET) != 0 {
         return Err(TokenError::Malformed("unknown claim flags"));
     }
     let expires_at = if flags & FLAG_EXPIRES != 0 {
@@ -289,6 +299,11 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     };
     let holder_uid = if flags & FLAG_HOLDER != 0 {
         Some(u32::from_be_bytes(r.array()?))
+    } else {
+        None
+    };
+    let budget = if flags & FLAG_BUDGET != 0 {
+        Some(u64::from_be_bytes(r.array()?))
     } else {
         None
     };
@@ -317,6 +332,7 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
         expires_at,
         parent,
         holder_uid,
+        budget,
     })
 }
 
@@ -358,6 +374,7 @@ mod tests {
             expires_at: Some(1_700_000_900),
             parent: None,
             holder_uid: Some(1000),
+            budget: None,
         }
     }
 
@@ -370,6 +387,12 @@ mod tests {
         let t = Token::decode(&s).expect("decode");
         assert_eq!(t.claims(), &c);
         t.verify(&k.verifying_key()).expect("verify");
+        let budgeted = Claims {
+            budget: Some(50_000),
+            ..c
+        };
+        let t = Token::decode(&budgeted.sign(&k).expect("sign")).expect("decode");
+        assert_eq!(t.claims(), &budgeted);
     }
 
     #[test]

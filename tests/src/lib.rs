@@ -294,6 +294,11 @@ fn chat_completion(auth: &str, body: &serde_json::Value) -> Response<UpBody> {
                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
             out.push_str(&format!("data: {chunk}\n\n"));
         }
+        if req["stream_options"]["include_usage"].as_bool() == Some(true) {
+            let chunk = serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}});
+            out.push_str(&format!("data: {chunk}\n\n"));
+        }
         out.push_str("data: [DONE]\n\n");
         return Response::builder()
             .header("content-type", "text/event-stream")

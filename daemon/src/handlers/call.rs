@@ -38,6 +38,8 @@ pub struct Activation {
     pub method: Method,
     pub path: RequestPath,
     pub remaining: u32,
+    /// The token (or one above it) has a budget: the answer's LLM usage is charged to it.
+    pub budgeted: bool,
     /// The activation's audit event, which its answer line repeats.
     event: Event,
     /// Counts this call in flight until the caller is done with it (upstream answer included).
@@ -77,7 +79,7 @@ pub async fn activate(
         return Err(b.deny(peer, event, refusal));
     }
     let fresh = one_shot.then(|| TokenRecord::from_claims(&claims, peer, Some("one-shot".into())));
-    let (durable, remaining) = match b.reserve(claims.id, fresh) {
+    let (durable, remaining, budgeted) = match b.reserve(claims.id, fresh) {
         Ok(x) => x,
         Err(refusal) => return Err(b.deny(peer, event, refusal)),
     };
@@ -108,12 +110,22 @@ pub async fn activate(
         method,
         path,
         remaining,
+        budgeted,
         event,
         _in_flight: in_flight,
     })
 }
 
 impl Activation {
+    /// Charges what the answer used to the token's budget (when it has one). An answer that does
+    /// not say: nothing for a refusal by the upstream (status 400 and up, which providers do not
+    /// bill), and a budget that can no longer be kept for anything else.
+    pub fn charge(&self, b: &Broker, status: u16, used: Option<u64>) {
+        if self.budgeted {
+            b.charge(self.claims.id, used.or((status >= 400).then_some(0)));
+        }
+    }
+
     /// The second line of every activation: the upstream's status, or why there was none. The
     /// request has been made by then, so a line that cannot be written is logged, and the caller
     /// still gets the answer.
@@ -167,6 +179,15 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     match result {
         Ok(reply) => {
             act.audit_answer(b, Ok(reply.status));
+            if act.budgeted {
+                let content_type = reply
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.as_str());
+                let used = crate::usage::of_body(content_type, &reply.body);
+                act.charge(b, reply.status, used);
+            }
             Ok(Response::Called(CallReply {
                 status: reply.status,
                 headers: reply.headers,

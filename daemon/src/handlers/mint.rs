@@ -82,6 +82,7 @@ pub fn claims_for(
         expires_at: Some(now + ttl.as_secs()),
         parent: None,
         holder_uid: bind_to_peer.then_some(peer.uid),
+        budget: None,
     })
 }
 
@@ -91,8 +92,12 @@ pub fn mint_event(peer: &Peer, claims: &Claims) -> Event {
         service: Some(claims.service.clone()),
         peer: Some(PeerJson::from(peer)),
         reason: Some(format!(
-            "{} activation(s): {}",
+            "{} activation(s){}: {}",
             claims.uses,
+            claims
+                .budget
+                .map(|n| format!(", a budget of {n} LLM tokens"))
+                .unwrap_or_default(),
             claims
                 .rules
                 .iter()
@@ -102,6 +107,42 @@ pub fn mint_event(peer: &Peer, claims: &Claims) -> Event {
         )),
         ..Event::default()
     }
+}
+
+/// A budget of LLM tokens: only for a service whose answers report their usage, and for a
+/// narrowed token no more than every token above it has left.
+fn check_budget(b: &Broker, claims: &Claims, budget: u64) -> Result<(), Refusal> {
+    if budget == 0 {
+        return Err(Refusal::bad_request(
+            "a budget must be at least 1 LLM token",
+        ));
+    }
+    if !b.service(&claims.service)?.config.llm_usage {
+        return Err(Refusal::bad_request(format!(
+            "service {} does not report the LLM tokens its answers use, so its tokens cannot carry \
+             a budget (if it does, e.g. an OpenAI-compatible server of your own, set \
+             llm_usage = true in its section of till.toml)",
+            claims.service
+        )));
+    }
+    if let Some(parent) = claims.parent {
+        let map = b.tokens();
+        let left = crate::broker::lineage(&map, parent)?
+            .iter()
+            .filter_map(|l| map[l].budget.map(|n| n.saturating_sub(map[l].budget_used)))
+            .min();
+        if let Some(left) = left
+            && budget > left
+        {
+            return Err(Refusal::new(
+                ErrorCode::OverCeiling,
+                format!(
+                    "the parent token has {left} LLM tokens of budget left; ask for at most that many"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A child of `parent` (a whole token): within its rules, lifetime and remaining budget.
@@ -197,6 +238,7 @@ fn narrowed(
         parent: Some(p.id),
         // A binding is inherited: narrowing never widens who may spend.
         holder_uid: p.holder_uid.or(req.bind_to_peer.then_some(peer.uid)),
+        budget: None,
     })
 }
 
@@ -233,6 +275,11 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
             )?
         }
     };
+    let mut claims = claims;
+    if let Some(budget) = req.budget {
+        check_budget(b, &claims, budget)?;
+        claims.budget = Some(budget);
+    }
     let token = claims
         .sign(&b.keyring.current())
         .map_err(|e| Refusal::bad_request(e.to_string()))?;

@@ -62,6 +62,11 @@ enum Cmd {
         /// A tripwire token: no honest agent spends it; presenting it raises an alert.
         #[arg(long)]
         canary: bool,
+        /// At most this many LLM tokens (input and output, as the service's answers report them)
+        /// for all its requests together; the request that crosses it completes, the next is
+        /// refused. For LLM services only.
+        #[arg(long, value_name = "LLM_TOKENS")]
+        budget: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -266,6 +271,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             bind,
             from,
             canary,
+            budget,
             json,
         } => {
             let reply = connect(&cli.socket)
@@ -279,6 +285,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     bind_to_peer: bind,
                     from,
                     canary,
+                    budget,
                 })
                 .await?;
             if json {

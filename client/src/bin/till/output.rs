@@ -74,6 +74,13 @@ pub fn token(t: &TokenInfo) {
         "activations  {} left of {} ({} used)",
         t.remaining, t.uses, t.used
     );
+    if let Some(budget) = t.budget {
+        println!(
+            "budget       {} LLM tokens left of {budget} ({} used)",
+            budget.saturating_sub(t.budget_used),
+            t.budget_used
+        );
+    }
     println!("issued       {}", time(t.issued_at));
     println!(
         "expires      {}",
@@ -99,6 +106,9 @@ pub fn claims(c: &Claims) {
     println!("id           {}", c.id);
     println!("service      {}", c.service);
     println!("activations  {}", c.uses);
+    if let Some(budget) = c.budget {
+        println!("budget       {budget} LLM tokens");
+    }
     println!("issued       {}", time(c.issued_at));
     println!(
         "expires      {}",
