@@ -510,6 +510,15 @@ async fn idle_and_stalled_connections_are_closed() {
             "{answered}"
         );
     }
+    // A body that stops coming: 408, nothing spent or sent.
+    let t = mint(&d, "echo", &["POST /x"], 1).await;
+    let stalled = format!(
+        "POST /proxy/echo/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 10\r\n\r\nabc"
+    );
+    let answer = raw_http(addr, stalled.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("stalled"), "{answer}");
+    assert_eq!(up.hits(), 0);
     let ok = http()
         .get(format!("{g}/healthz"))
         .send()
