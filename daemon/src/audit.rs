@@ -30,6 +30,8 @@ pub enum EventKind {
     /// How the upstream answered an activation (`status`), or why it did not (`reason`): written
     /// once the answer's head is in, before the caller sees it.
     Answer,
+    /// LLM tokens an answer used, charged to a budget (only for tokens with one).
+    Charge,
     Deny,
     Revoke,
     Reload,

@@ -539,19 +539,37 @@ impl Broker {
         let Ok(chain) = lineage(&map, id) else {
             return;
         };
+        let mut budgets = Vec::new();
         for link in chain {
             if let Some(rec) = map.get_mut(&link)
-                && rec.budget.is_some()
+                && let Some(budget) = rec.budget
             {
                 match used {
                     Some(n) => rec.budget_used = rec.budget_used.saturating_add(n),
                     None => rec.budget_lost = true,
                 }
                 self.store.put(rec);
+                budgets.push(format!("{link}: {} of {budget} used", rec.budget_used));
             }
         }
-        if used.is_none() {
-            tracing::warn!(token = %id, "an answer did not report its LLM usage; the token's budget can no longer be kept");
+        let service = map.get(&id).map(|r| r.service.clone());
+        drop(map);
+        let reason = match used {
+            Some(n) => format!("{n} LLM token(s) charged ({})", budgets.join("; ")),
+            None => {
+                tracing::warn!(token = %id, "an answer did not report its LLM usage; the token's budget can no longer be kept");
+                "the answer reported no LLM usage, so the budget can no longer be kept: spent"
+                    .into()
+            }
+        };
+        let event = Event {
+            token_id: Some(id.to_string()),
+            service,
+            reason: Some(reason),
+            ..Event::default()
+        };
+        if let Err(e) = self.audit.record(EventKind::Charge, event) {
+            tracing::error!(error = %e, "could not audit a budget charge");
         }
     }
 

@@ -321,7 +321,7 @@ pub struct AuditRequest {
     pub token: Option<String>,
     #[serde(default)]
     pub service: Option<String>,
-    /// Only events of this kind (mint, activate, answer, deny, revoke, reload, start, stop, alert, checkpoint).
+    /// Only events of this kind (mint, activate, answer, charge, deny, revoke, reload, start, stop, alert, checkpoint).
     #[serde(default)]
     pub event: Option<String>,
     /// Only events at or after this time (RFC 3339).

@@ -71,6 +71,18 @@ async fn a_budget_is_charged_from_reported_usage_and_then_refuses() {
         shown.contains("budget       0 LLM tokens left of 10 (12 used)") && shown.contains("spent"),
         "{shown}"
     );
+    let charges: Vec<String> = d
+        .audit_text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["event"] == "charge")
+        .map(|v| v["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let id = &t.info.id;
+    assert_eq!(
+        charges,
+        [4, 8, 12].map(|n| format!("4 LLM token(s) charged ({id}: {n} of 10 used)")),
+    );
 
     // Only services whose answers report usage take a budget.
     let mut echo = mint_req(Some(10), None);

@@ -128,7 +128,7 @@ enum Cmd {
         token: Option<String>,
         #[arg(long)]
         service: Option<String>,
-        /// Only events of this kind: mint, activate, answer, deny, revoke, reload, start, stop, alert, checkpoint.
+        /// Only events of this kind: mint, activate, answer, charge, deny, revoke, reload, start, stop, alert, checkpoint.
         #[arg(long)]
         event: Option<String>,
         /// Only events at or after this time (RFC 3339, e.g. 2026-11-27T18:00:00Z).
