@@ -150,6 +150,7 @@ impl TillMcp {
                 "service": m.info.service,
                 "rules": m.info.rules,
                 "activations": m.info.uses,
+                "budget_tokens": m.info.budget,
                 "expires_at": m.info.expires_at,
             })),
             Response::Token(t) => ok(to_value(&t)),

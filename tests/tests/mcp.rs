@@ -165,6 +165,15 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
         &call(
             s,
             "request_token",
+            json!({"service": "echo", "budget_tokens": 1000}),
+        )
+        .await,
+    );
+    assert!(msg.contains("llm_usage = true"), "{msg}");
+    let msg = refusal(
+        &call(
+            s,
+            "request_token",
             json!({"service": "other", "allow": ["DELETE /x"]}),
         )
         .await,
