@@ -94,7 +94,7 @@ struct Line<'a> {
 
 /// The most bytes of each field an audit line carries. Fields can hold what a caller sent (a service
 /// name, a path, a refusal quoting either); a line stays small whatever they sent.
-const MAX_NAME: usize = 128;
+const MAX_NAME: usize = crate::MAX_QUOTED_NAME;
 const MAX_PATH: usize = 8 * 1024;
 const MAX_REASON: usize = 2 * 1024;
 

@@ -45,6 +45,11 @@ impl Refusal {
         Refusal::new(ErrorCode::Internal, message)
     }
 
+    /// How the refusal reads in an audit line's `reason`.
+    pub fn audit_reason(&self) -> String {
+        format!("{}: {}", self.code.as_str(), self.message)
+    }
+
     pub fn into_response(self) -> Response {
         Response::Error(ErrorReply {
             code: self.code,
@@ -322,7 +327,7 @@ impl Broker {
                 ErrorCode::UnknownService,
                 format!(
                     "no service named {:?} is configured (configured: {}); `till services` lists them",
-                    crate::clip(name, 128),
+                    crate::clip(name, crate::MAX_QUOTED_NAME),
                     if names.is_empty() { "none".to_string() } else { names.join(", ") }
                 ),
             )
@@ -361,11 +366,7 @@ impl Broker {
 
     fn deny_with(&self, peer: &Peer, mut event: Event, refusal: Refusal, lead: &str) -> Refusal {
         event.peer = Some(PeerJson::from(peer));
-        event.reason = Some(format!(
-            "{lead}{}: {}",
-            refusal.code.as_str(),
-            refusal.message
-        ));
+        event.reason = Some(format!("{lead}{}", refusal.audit_reason()));
         self.metrics.refusal(refusal.code.as_str());
         let limit = self.served().config.alerts.refusal_burst;
         let (what, carried) = self.bursts.refusal(peer, limit);

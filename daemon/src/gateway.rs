@@ -279,7 +279,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
             Err(_) => {
                 let r = Refusal::bad_request(format!(
                     "header {} is not valid text",
-                    crate::clip(k.as_str(), 128)
+                    crate::clip(k.as_str(), crate::MAX_QUOTED_NAME)
                 ));
                 return refusal_response(&b.deny(peer, refused(&service, &method), r), None);
             }
@@ -412,6 +412,15 @@ fn stream_body(
         done: bool,
         metering: Option<Metering>,
     }
+    impl State {
+        /// Reads the scrubbed bytes the caller gets for their usage, so no copy of the key sits
+        /// in the meter's buffer.
+        fn meter(&mut self, passed: &[u8]) {
+            if let Some(m) = self.metering.as_mut().and_then(|m| m.meter.as_mut()) {
+                m.feed(passed);
+            }
+        }
+    }
     let state = State {
         svc,
         chunks: upstream.bytes_stream().boxed(),
@@ -439,11 +448,9 @@ fn stream_body(
                             st,
                         ));
                     }
-                    if let Some(m) = st.metering.as_mut().and_then(|m| m.meter.as_mut()) {
-                        m.feed(&chunk);
-                    }
                     let out = scrub.push(&chunk);
                     st.held = scrub.into_held();
+                    st.meter(&out);
                     if out.is_empty() {
                         continue;
                     }
@@ -459,6 +466,7 @@ fn stream_body(
                 None => {
                     st.done = true;
                     let rest = scrub.finish();
+                    st.meter(&rest);
                     if rest.is_empty() {
                         return None;
                     }

@@ -55,6 +55,9 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// `s` cut to at most `max` bytes (on a character boundary), saying how long it was. For anything a
 /// caller sent that goes into a reply or an audit line: a peer must not be able to write megabytes
 /// into the trail, or flush its history out through rotation, with one long name.
+/// How much of a name a caller sent (a service, a header) is quoted back or written to the trail.
+pub const MAX_QUOTED_NAME: usize = 128;
+
 pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return std::borrow::Cow::Borrowed(s);

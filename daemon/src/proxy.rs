@@ -328,7 +328,7 @@ fn request_headers(
 
 /// The caller's header, named in the refusal, within reason.
 fn bad_header(name: &str) -> ProxyError {
-    ProxyError::BadHeader(crate::clip(name, 128).into_owned())
+    ProxyError::BadHeader(crate::clip(name, crate::MAX_QUOTED_NAME).into_owned())
 }
 
 /// Validates what the caller sent without sending anything (so a bad header is refused before an

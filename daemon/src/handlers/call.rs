@@ -98,7 +98,7 @@ pub async fn activate(
         ));
         if audited.is_ok() {
             // Not through `deny`: this line must not be folded into a burst summary.
-            event.reason = Some(format!("{}: {}", refusal.code.as_str(), refusal.message));
+            event.reason = Some(refusal.audit_reason());
             let _ = b.audit(EventKind::Deny, event);
         }
         return Err(refusal);
@@ -117,13 +117,12 @@ pub async fn activate(
 }
 
 impl Activation {
-    /// Charges what the answer used to the token's budget (when it has one). An answer that does
-    /// not say: nothing for a refusal by the upstream (status 400 and up, which providers do not
-    /// bill), and a budget that can no longer be kept for anything else.
+    /// Charges what the answer used to the token's budget (callers read the usage, and call
+    /// this, only when `budgeted`). An answer that does not say: nothing for a refusal by the
+    /// upstream (status 400 and up, which providers do not bill), and a budget that can no longer
+    /// be kept for anything else.
     pub fn charge(&self, b: &Broker, status: u16, used: Option<u64>) {
-        if self.budgeted {
-            b.charge(self.claims.id, used.or((status >= 400).then_some(0)));
-        }
+        b.charge(self.claims.id, used.or((status >= 400).then_some(0)));
     }
 
     /// The second line of every activation: the upstream's status, or why there was none. The
@@ -133,7 +132,7 @@ impl Activation {
         let mut event = self.event.clone();
         match outcome {
             Ok(status) => event.status = Some(status),
-            Err(r) => event.reason = Some(format!("{}: {}", r.code.as_str(), r.message)),
+            Err(r) => event.reason = Some(r.audit_reason()),
         }
         if let Err(e) = b.audit.record(EventKind::Answer, event) {
             tracing::error!(error = %e, "could not audit an upstream answer");
