@@ -262,6 +262,16 @@ fn target_url(svc: &ServiceConfig, path: &RequestPath, secret: &Secret) -> Resul
         ));
     }
     if let Inject::Query { param } = &svc.inject {
+        // A parameter of that name from the caller goes, as a caller's credential header does:
+        // the upstream would otherwise see two keys and pick one by rules of its own.
+        if url.query_pairs().any(|(k, _)| k == param.as_str()) {
+            let kept: Vec<(String, String)> = url
+                .query_pairs()
+                .filter(|(k, _)| k != param.as_str())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
         let value = String::from_utf8_lossy(secret.expose());
         url.query_pairs_mut().append_pair(param, &value);
     }

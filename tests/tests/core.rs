@@ -364,7 +364,8 @@ async fn the_key_reaches_the_upstream_and_never_the_caller() {
     let cases = [
         ("echo", "/v1/echo?x=1", SECRET),
         ("other", "/v1/echo", OTHER_SECRET),
-        ("q", "/v1/echo?x=1", SECRET),
+        // A `key` of the caller's own is dropped, as a caller's credential header is.
+        ("q", "/v1/echo?key=mine&x=1&Key=2", SECRET),
         ("basic", "/v1/echo", SECRET),
     ];
     for (service, path, secret) in cases {
@@ -413,7 +414,11 @@ async fn the_key_reaches_the_upstream_and_never_the_caller() {
         !seen[1].headers.contains_key("authorization"),
         "the caller's Authorization is dropped"
     );
-    assert_eq!(seen[2].path_and_query, format!("/v1/echo?x=1&key={SECRET}"));
+    assert_eq!(
+        seen[2].path_and_query,
+        format!("/v1/echo?x=1&Key=2&key={SECRET}"),
+        "one key, the real one"
+    );
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("api:{SECRET}"));
     assert_eq!(
         seen[3].headers.get("authorization"),
