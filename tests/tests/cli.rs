@@ -77,6 +77,15 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
     let token = text(&out.stdout).trim().to_owned();
     assert!(token.starts_with("till_") && token.len() < 400 && !token.contains('\n'));
 
+    // A lifetime of nothing is refused, not rounded up into a token that lives a second.
+    let out = d.till(&["mint", "echo", "--ttl", "0s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("longer than zero"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = d.till(&[
         "call",
         "echo",

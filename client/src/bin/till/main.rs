@@ -280,7 +280,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     service,
                     allow,
                     uses,
-                    ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+                    // Whole seconds, rounded up; zero stays zero, for the daemon to refuse.
+                    ttl_secs: ttl.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                     note,
                     bind_to_peer: bind,
                     from,
