@@ -243,8 +243,11 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         }
         _ => {}
     }
-    let (service, upstream_path) = if let Some(rest) = path.strip_prefix("/proxy/") {
-        let (svc, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let proxied = path
+        .strip_prefix("/proxy/")
+        .map(|rest| rest.split_once('/').unwrap_or((rest, "")))
+        .filter(|(svc, _)| !svc.is_empty());
+    let (service, upstream_path) = if let Some((svc, tail)) = proxied {
         (Some(svc.to_owned()), format!("/{tail}"))
     } else if path == "/v1" || path.starts_with("/v1/") {
         (None, path.clone())

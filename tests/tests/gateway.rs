@@ -203,6 +203,22 @@ async fn refusals_are_json_sdks_understand_and_send_nothing() {
     let (status, _, _) =
         error_of(h.get(format!("{g}/elsewhere")).send().await.expect("send")).await;
     assert_eq!(status, 404);
+    // `/proxy/` without a service is no route either, and says which routes there are.
+    let (status, _, body) = error_of(
+        h.get(format!("{g}/proxy//models"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/proxy/SERVICE/")),
+        "{body}"
+    );
 
     let resp = h
         .get(format!("{g}/v1/models"))
