@@ -33,7 +33,10 @@ with `service` for a single request), then call_api with the token. Each token h
 activations; token_status shows what is left without spending any. If a call is refused, the \
 message says what to do next.";
 
+// Every tool refuses an argument it does not know, naming it and the ones it takes: ignored, a
+// misnamed `allow` would mint the service's whole ceiling, a misnamed `ttl_seconds` the default.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RequestTokenArgs {
     /// The service to call, as `list_services` names it (e.g. "openai", "github").
     pub service: String,
@@ -56,6 +59,7 @@ pub struct RequestTokenArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CallApiArgs {
     /// A token from request_token. Omit it and give `service` to spend a one-shot token minted for
     /// exactly this method and path.
@@ -76,6 +80,7 @@ pub struct CallApiArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TokenRefArgs {
     /// The whole token (till_...).
     pub token: Option<String>,

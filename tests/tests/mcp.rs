@@ -156,6 +156,37 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
         msg.contains("outside this token's rules") && msg.contains("POST /v1/x/**"),
         "{msg}"
     );
+    // A misnamed argument is refused, not ignored: `rules` for `allow` would otherwise mint the
+    // service's whole ceiling.
+    let live = d
+        .client()
+        .await
+        .tokens(true)
+        .await
+        .expect("tokens")
+        .tokens
+        .len();
+    let msg = refusal(
+        &call(
+            s,
+            "request_token",
+            json!({"service": "echo", "rules": ["GET /v1/x"]}),
+        )
+        .await,
+    );
+    assert!(
+        msg.contains("unknown field `rules`") && msg.contains("allow"),
+        "{msg}"
+    );
+    let now = d
+        .client()
+        .await
+        .tokens(true)
+        .await
+        .expect("tokens")
+        .tokens
+        .len();
+    assert_eq!(now, live, "nothing was minted");
     let msg = refusal(&call(s, "request_token", json!({"service": "nope"})).await);
     assert!(
         msg.contains("no service named") && msg.contains("list"),
