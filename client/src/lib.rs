@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use till_protocol::io::{BusyPoll, FrameStream};
+use till_protocol::io::{BusyPoll, FrameError, FrameStream};
 use till_protocol::{
     AuditReply, AuditRequest, CallReply, CallRequest, ErrorCode, Hello, InspectRequest, MintReply,
     MintRequest, PROTOCOL_VERSION, PubkeyReply, ReloadReply, Request, Response, RevokeReply,
@@ -45,10 +45,27 @@ pub enum ClientError {
     /// The daemon answered with a refusal.
     #[error("{message}")]
     Refused { code: ErrorCode, message: String },
+    /// The request would not fit in one message to the daemon; nothing was sent.
+    #[error(
+        "the request is {0} bytes once encoded, over the {max} bytes a message to tilld may hold; \
+         send a smaller body",
+        max = till_protocol::MAX_FRAME_BYTES
+    )]
+    TooLarge(usize),
+    // The cause is in the message, not also a `source`: printed as a chain, it would show twice.
     #[error("connection to tilld failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("unexpected reply from tilld: {0}")]
     Protocol(String),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> ClientError {
+        match e.get_ref().and_then(|e| e.downcast_ref::<FrameError>()) {
+            Some(FrameError::TooBig(len)) => ClientError::TooLarge(*len),
+            _ => ClientError::Io(e),
+        }
+    }
 }
 
 impl ClientError {
@@ -140,7 +157,7 @@ impl Client {
             .await
             .ok_or_else(|| ClientError::Protocol("tilld closed the connection".into()))?
             .map_err(|e| match e {
-                till_protocol::io::FrameError::Io(e) => ClientError::Io(e),
+                FrameError::Io(e) => ClientError::Io(e),
                 other => ClientError::Protocol(other.to_string()),
             })?;
         match serde_json::from_slice::<Response>(&frame) {

@@ -154,7 +154,14 @@ impl FrameStream {
     pub async fn send_json<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
         let mut out = vec![0u8; 4];
         serde_json::to_writer(&mut out, msg).map_err(io::Error::other)?;
-        let len = u32::try_from(out.len() - 4).map_err(|_| io::Error::other("frame too large"))?;
+        // The peer would refuse it on the prefix and close: say so here, having sent nothing.
+        if out.len() - 4 > MAX_FRAME_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                FrameError::TooBig(out.len() - 4),
+            ));
+        }
+        let len = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&len.to_be_bytes());
         self.send_raw(&out).await
     }

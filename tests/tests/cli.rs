@@ -109,6 +109,24 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
             && text(&out.stderr).contains("1 activation(s) left")
     );
 
+    // A body too big for one message to the daemon: refused by the CLI itself, nothing sent, and
+    // the daemon serves the next request.
+    let big = d.dir.join("big.bin");
+    std::fs::write(&big, vec![b'a'; 17 << 20]).expect("write");
+    let hits = up.hits();
+    let arg = format!("@{}", big.display());
+    let out = d.till(&[
+        "call", "echo", "POST", "/v1/chat", "-d", &arg, "--token", &token,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("a message to tilld may hold") && err.contains("smaller body"),
+        "{err}"
+    );
+    assert_eq!(up.hits(), hits);
+    assert!(d.till(&["status"]).status.success());
+
     // Outside the token's scope: refused, exit 1, a reason that names the rule.
     let out = d.till(&["call", "echo", "GET", "/v1/other", "--token", &token]);
     assert_eq!(out.status.code(), Some(1));
