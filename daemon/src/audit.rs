@@ -326,23 +326,75 @@ pub enum Scan {
     Stop,
 }
 
+/// Reads the trail backwards: the current file, then the rotated ones (`.1`, `.2`, …), newest
+/// first, until `n` lines are kept, `max_bytes` is reached or `judge` says `Stop`. So a follower
+/// whose last line was rotated away meanwhile still gets every line after it.
 fn tail_file(
     path: &Path,
     n: usize,
     max_bytes: usize,
     judge: impl Fn(&str) -> Scan,
 ) -> std::io::Result<Vec<String>> {
-    use std::os::unix::fs::FileExt;
-    const BLOCK: u64 = 64 * 1024;
-    let file = File::open(path)?;
-    let mut pos = file.metadata()?.len();
+    use std::os::unix::fs::MetadataExt;
     let mut kept = Vec::new();
     let mut bytes = 0;
+    // The current file must be there; a rotated one may not (rotation renames them one by one).
+    // Each is opened before the previous is read, and a file seen twice (a rotation in between
+    // renamed the current one to `.1`) is read once.
+    let mut seen = Vec::new();
+    for i in 0u32.. {
+        let file = if i == 0 {
+            File::open(path)?
+        } else {
+            match File::open(format!("{}.{i}", path.display())) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+            }
+        };
+        let meta = file.metadata()?;
+        if seen.contains(&(meta.dev(), meta.ino())) {
+            continue;
+        }
+        seen.push((meta.dev(), meta.ino()));
+        if !tail_one(
+            &file,
+            meta.len(),
+            n,
+            max_bytes,
+            &judge,
+            &mut kept,
+            &mut bytes,
+        )? {
+            break;
+        }
+    }
+    kept.reverse();
+    Ok(kept)
+}
+
+/// One file of [`tail_file`], newest line first, into `kept`. Returns whether older lines may
+/// still be wanted.
+fn tail_one(
+    file: &File,
+    len: u64,
+    n: usize,
+    max_bytes: usize,
+    judge: &impl Fn(&str) -> Scan,
+    kept: &mut Vec<String>,
+    bytes: &mut usize,
+) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 64 * 1024;
+    if kept.len() >= n {
+        return Ok(false);
+    }
+    let mut pos = len;
     // The end of a line whose start is in a block not read yet (with its newline).
     let mut carry: Vec<u8> = Vec::new();
     // A last line without its newline is still being written: not a line yet.
     let mut complete_only = true;
-    'blocks: while pos > 0 {
+    while pos > 0 {
         let start = pos.saturating_sub(BLOCK);
         let mut buf = vec![0u8; (pos - start) as usize];
         file.read_exact_at(&mut buf, start)?;
@@ -376,15 +428,15 @@ fn tail_file(
             }
             match judge(line) {
                 Scan::Skip => {}
-                Scan::Stop => break 'blocks,
+                Scan::Stop => return Ok(false),
                 Scan::Keep => {
-                    bytes += line.len();
-                    if bytes > max_bytes {
-                        break 'blocks;
+                    *bytes += line.len();
+                    if *bytes > max_bytes {
+                        return Ok(false);
                     }
                     kept.push(line.to_owned());
                     if kept.len() >= n {
-                        break 'blocks;
+                        return Ok(false);
                     }
                 }
             }
@@ -392,8 +444,7 @@ fn tail_file(
         buf.truncate(lines_from);
         carry = buf;
     }
-    kept.reverse();
-    Ok(kept)
+    Ok(true)
 }
 
 /// Finds the seq and hash of the last complete line, to continue the chain after a restart.
@@ -506,6 +557,42 @@ mod tests {
         let size: usize = got.iter().map(String::len).sum();
         assert!(size <= 10_000 && size > 9_000, "{size}");
         assert_eq!(got.last().map(String::as_str), all.last().copied());
+    }
+
+    /// Lines rotated into `.1` and `.2` are read after the current file's, newest first, as
+    /// if the three were one file; a follower's window reaches back into them.
+    #[test]
+    fn tail_reads_on_into_the_rotated_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let lines = |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
+        std::fs::write(format!("{}.2", path.display()), lines(0, 100)).expect("write");
+        std::fs::write(format!("{}.1", path.display()), lines(100, 250)).expect("write");
+        std::fs::write(&path, lines(250, 260)).expect("write");
+        let num = |l: &String| l.parse::<u32>().expect("number");
+        let got = tail_file(&path, 200, usize::MAX, |_| Scan::Keep).expect("tail");
+        assert_eq!(
+            got.iter().map(num).collect::<Vec<_>>(),
+            (60..260).collect::<Vec<_>>()
+        );
+        let got = tail_file(&path, usize::MAX, usize::MAX, |_| Scan::Keep).expect("tail");
+        assert_eq!(got.len(), 260);
+        let after_240 = |l: &str| {
+            if l.parse::<u32>().is_ok_and(|s| s <= 240) {
+                Scan::Stop
+            } else {
+                Scan::Keep
+            }
+        };
+        let got = tail_file(&path, usize::MAX, usize::MAX, after_240).expect("tail");
+        assert_eq!(
+            got.iter().map(num).collect::<Vec<_>>(),
+            (241..260).collect::<Vec<_>>()
+        );
+        // The rotated files are numbered without gaps: after a missing `.1`, `.2` is not read.
+        std::fs::remove_file(format!("{}.1", path.display())).expect("rm");
+        let got = tail_file(&path, usize::MAX, usize::MAX, |_| Scan::Keep).expect("tail");
+        assert_eq!(got.len(), 10);
     }
 
     fn trail(n: u64) -> String {

@@ -356,6 +356,26 @@ async fn the_trail_rotates_by_size_without_breaking_the_chain() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `till audit` reads on into the rotated files: the latest 40 events, in order, without a gap,
+    // though the live file holds fewer.
+    let live = std::fs::read_to_string(&trail)
+        .expect("trail")
+        .lines()
+        .count();
+    let out = d.till(&["audit", "--json", "--limit", "40"]);
+    assert!(out.status.success());
+    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"]
+                .as_u64()
+                .expect("seq")
+        })
+        .collect();
+    assert!(live < 40, "the live file holds {live} lines");
+    assert_eq!(seqs.len(), 40);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
