@@ -231,6 +231,86 @@ async fn till_rotate_reads_the_new_key_from_stdin() {
     );
 }
 
+/// On a terminal, `till rotate` prompts and reads one line with echo off: the key typed is not
+/// shown (nor kept in the scrollback), and the terminal gets its echo back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)]
+async fn till_rotate_on_a_terminal_does_not_echo_the_key() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let (mut master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two descriptors, which are owned from here on.
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty");
+        // SAFETY: fresh descriptors from openpty, each owned once.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(m)),
+                OwnedFd::from_raw_fd(s),
+            )
+        }
+    };
+    let mut child = std::process::Command::new(till_tests::bin("till"))
+        .args([
+            "--socket",
+            d.socket.to_str().expect("utf8"),
+            "rotate",
+            "echo",
+        ])
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("till rotate");
+    // The prompt is written once echo is off: wait for it, then type the key.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("Enter to end): ") {
+        let mut b = [0u8; 256];
+        let n = stderr.read(&mut b).expect("prompt");
+        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&b[..n]);
+    }
+    master
+        .write_all(format!("{NEW_KEY}\n").as_bytes())
+        .expect("type the key");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the terminal showed: the child has exited and no one else holds the slave, so the
+    // read ends (EIO) after what is buffered.
+    let mut screen = Vec::new();
+    let mut b = [0u8; 4096];
+    while let Ok(n) = master.read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        screen.extend_from_slice(&b[..n]);
+    }
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(!screen.contains(NEW_KEY), "the key was echoed: {screen:?}");
+    assert_eq!(
+        std::fs::read_to_string(d.dir.join("echo.key"))
+            .expect("key file")
+            .trim(),
+        NEW_KEY
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_tokens_are_swept_after_their_retention() {
     let up = Upstream::start(None).await;

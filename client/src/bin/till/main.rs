@@ -4,6 +4,7 @@
 
 mod mcp;
 mod output;
+mod tty;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -139,7 +140,7 @@ enum Cmd {
     },
     /// Re-read the config and every secret now (admin); all or nothing.
     Reload,
-    /// Replace a service's key with one read from stdin (admin); new requests use it at once.
+    /// Replace a service's key with one read from stdin, or typed unseen at a prompt (admin); new requests use it at once.
     Rotate { service: String },
     /// Make a new signing key current (admin); tokens signed by the old one work until they expire.
     RotateSigningKey,
@@ -459,8 +460,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", r.summary);
         }
         Cmd::Rotate { service } => {
-            let mut secret = String::new();
-            std::io::stdin().read_to_string(&mut secret)?;
+            let secret = tty::read_new_key(&service).await?;
             let r = connect(&cli.socket).await?.rotate(&service, secret).await?;
             println!("{}", r.summary);
         }
