@@ -286,7 +286,11 @@ pub enum RevokeTarget {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokeReply {
+    /// The tokens revoked (or, for one token, its state), the first 1,000 of them.
     pub revoked: Vec<TokenInfo>,
+    /// How many were revoked, listed or not.
+    #[serde(default)]
+    pub count: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

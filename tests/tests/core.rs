@@ -799,4 +799,23 @@ async fn revoke_by_service_and_all() {
     assert_eq!(c.tokens(false).await.expect("tokens").tokens.len(), 0);
     assert_eq!(c.tokens(true).await.expect("tokens").tokens.len(), 2);
     assert_eq!(up.hits(), 0);
+
+    // More than a reply lists: the first thousand, and the count. (Before, a reply listed every
+    // one, and past about 55,000 tokens it outgrew the 16 MiB frame: the client got "tilld closed
+    // the connection" for a revocation that had happened.)
+    for _ in 0..1100 {
+        c.mint(mint_req("echo", &["GET /a"], 1))
+            .await
+            .expect("mint");
+    }
+    let out = d.till(&["revoke", "--all"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 1001, "{text}");
+    assert!(
+        text.ends_with("and 100 more: 1100 token(s) revoked\n"),
+        "{}",
+        text.lines().last().unwrap_or_default()
+    );
+    assert_eq!(c.tokens(false).await.expect("tokens").tokens.len(), 0);
 }

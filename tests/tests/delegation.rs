@@ -135,9 +135,26 @@ async fn a_child_is_narrower_and_dies_with_its_parent() {
     );
     let grandchild_parent = String::from_utf8_lossy(&out.stdout).trim().to_owned();
 
-    c.revoke(RevokeTarget::Token(parent.token.clone()))
+    // Two levels down.
+    let grandchild = c
+        .mint(mint(1, "GET /d/x", Some(&child.token)))
+        .await
+        .expect("grandchild")
+        .token;
+
+    let r = c
+        .revoke(RevokeTarget::Token(parent.token.clone()))
         .await
         .expect("revoke the parent");
+    assert_eq!(
+        (r.revoked.len(), r.count),
+        (4, 4),
+        "the parent, its two children and its grandchild"
+    );
+    assert_eq!(
+        c.inspect(&grandchild).await.expect("inspect").state,
+        TokenState::Revoked
+    );
     assert_eq!(
         code(c.call(call(&child.token, "/d/x")).await),
         ErrorCode::Revoked

@@ -360,6 +360,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     t.id, t.service, t.used, t.uses
                 );
             }
+            let unlisted = reply.count.saturating_sub(reply.revoked.len());
+            if unlisted > 0 {
+                println!("and {unlisted} more: {} token(s) revoked", reply.count);
+            }
             if reply.revoked.is_empty() {
                 println!("nothing to revoke");
             }
