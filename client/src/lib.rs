@@ -186,11 +186,14 @@ impl Client {
         expect!(self.request(Request::Call(req)).await?, Response::Called)
     }
 
+    /// The newest 1,000 tokens the caller may see (live ones, or `all`); `count` says how many
+    /// there are in all.
     pub async fn tokens(&mut self, all: bool) -> Result<TokensReply, ClientError> {
-        expect!(
-            self.request(Request::Tokens(TokensRequest { all })).await?,
-            Response::Tokens
-        )
+        self.list_tokens(TokensRequest { all, limit: None }).await
+    }
+
+    pub async fn list_tokens(&mut self, req: TokensRequest) -> Result<TokensReply, ClientError> {
+        expect!(self.request(Request::Tokens(req)).await?, Response::Tokens)
     }
 
     pub async fn inspect(&mut self, token_or_id: &str) -> Result<TokenInfo, ClientError> {

@@ -210,11 +210,18 @@ pub struct TokensRequest {
     /// Include spent, expired and revoked tokens.
     #[serde(default)]
     pub all: bool,
+    /// The newest this many (default 1,000); a reply also stops at 8 MiB of tokens.
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokensReply {
+    /// The newest of the tokens asked for, oldest first.
     pub tokens: Vec<TokenInfo>,
+    /// How many tokens the request matched, listed or not.
+    #[serde(default)]
+    pub count: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -60,14 +60,7 @@ async fn bench(up: Upstream) {
             t.await.expect("task");
         }
         done += step / CONCURRENCY * CONCURRENCY;
-        let held = d
-            .client()
-            .await
-            .tokens(true)
-            .await
-            .expect("tokens")
-            .tokens
-            .len();
+        let held = d.client().await.tokens(true).await.expect("tokens").count;
         let size =
             std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
         println!(

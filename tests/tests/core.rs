@@ -808,6 +808,21 @@ async fn revoke_by_service_and_all() {
             .await
             .expect("mint");
     }
+    // `till tokens` lists the newest thousand too, and says how many there are.
+    let listed = c.tokens(false).await.expect("tokens");
+    assert_eq!((listed.tokens.len(), listed.count), (1000, 1100));
+    let out = d.till(&["tokens"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the newest 1000 of 1100 tokens"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.till(&["tokens", "--limit", "2000", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(all.len(), 1100);
+    assert!(out.stderr.is_empty());
+
     let out = d.till(&["revoke", "--all"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);

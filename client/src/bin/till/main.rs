@@ -16,7 +16,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, Subcommand};
 use till_client::{Client, ClientError, socket_path};
-use till_protocol::{CallRequest, MintRequest, RevokeTarget, Token};
+use till_protocol::{CallRequest, MintRequest, RevokeTarget, Token, TokensRequest};
 
 #[derive(Parser)]
 #[command(
@@ -95,6 +95,9 @@ enum Cmd {
         /// Include spent, expired and revoked tokens.
         #[arg(long)]
         all: bool,
+        /// Show the newest N (default 1000).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -324,12 +327,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Tokens { all, json } => {
-            let t = connect(&cli.socket).await?.tokens(all).await?;
+        Cmd::Tokens { all, limit, json } => {
+            let t = connect(&cli.socket)
+                .await?
+                .list_tokens(TokensRequest { all, limit })
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&t.tokens)?);
             } else {
                 output::tokens(&t.tokens);
+            }
+            if t.count > t.tokens.len() {
+                eprintln!(
+                    "the newest {} of {} tokens; --limit N for more",
+                    t.tokens.len(),
+                    t.count
+                );
             }
         }
         Cmd::Inspect { token, json } => {
