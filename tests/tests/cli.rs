@@ -53,6 +53,22 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         text(&out.stdout)
     );
 
+    // For scripts: the same as JSON.
+    let out = d.till(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        (status["services"].as_u64(), status["live_tokens"].as_u64()),
+        (Some(4), Some(0))
+    );
+    let out = d.till(&["services", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services json");
+    let echo = list
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "echo"))
+        .expect("echo listed");
+    assert_eq!(echo["allow"][0], "* /**");
+    assert!(!list.to_string().contains(SECRET));
+
     let out = d.till(&["services"]);
     let services = text(&out.stdout);
     assert!(

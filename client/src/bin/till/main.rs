@@ -35,9 +35,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Daemon version, uptime, socket and counts.
-    Status,
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Services and the rules tokens for them may carry (never secrets).
-    Services,
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
     /// Mint a capability token; prints only the token unless --json.
     Mint {
         service: String,
@@ -258,13 +264,21 @@ fn parse_headers(headers: Vec<String>) -> Result<Vec<(String, String)>> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Status => {
+        Cmd::Status { json } => {
             let s = connect(&cli.socket).await?.status().await?;
-            output::status(&s);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                output::status(&s);
+            }
         }
-        Cmd::Services => {
+        Cmd::Services { json } => {
             let s = connect(&cli.socket).await?.services().await?;
-            output::services(&s.services);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.services)?);
+            } else {
+                output::services(&s.services);
+            }
         }
         Cmd::Mint {
             service,
