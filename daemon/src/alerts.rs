@@ -27,10 +27,11 @@ struct Window {
     suppressed: u64,
 }
 
-/// Per-peer refusal windows.
+/// Per-peer refusal windows, and per-uid alert windows.
 #[derive(Default)]
 pub struct Bursts {
     windows: Mutex<HashMap<(u32, Option<i32>), Window>>,
+    alerts: Mutex<HashMap<(&'static str, u32), Window>>,
 }
 
 /// What to do with one refusal.
@@ -76,10 +77,31 @@ impl Bursts {
         };
         (what, carried)
     }
+
+    /// Whether an alert of `kind` from `peer`'s uid is raised (`Some`, with how many of the
+    /// previous window's went unraised) or only counted: one per kind and uid every
+    /// `WINDOW_SECS`. Keyed by uid, not pid: a loop of `till call`s is a new pid each time.
+    fn alert(&self, kind: &'static str, peer: &Peer) -> Option<u64> {
+        let now = now_secs();
+        let mut map = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, w| now < w.start + WINDOW_SECS);
+        }
+        let w = map.entry((kind, peer.uid)).or_default();
+        if w.count > 0 && now < w.start + WINDOW_SECS {
+            w.suppressed += 1;
+            return None;
+        }
+        let carried = w.suppressed;
+        *w = Window {
+            start: now,
+            count: 1,
+            suppressed: 0,
+        };
+        Some(carried)
+    }
 }
 
-/// Raises an alert: the trail, the log, the command and webhook; then the revocation if the rule
-/// asks for it. Never fails the request that triggered it.
 /// Every environment variable that holds, or may hold, a master key: the ones services read now,
 /// and every preset's (a reload may have stopped reading one that is still set).
 fn key_variables(b: &Broker) -> Vec<String> {
@@ -97,7 +119,24 @@ fn key_variables(b: &Broker) -> Vec<String> {
     names
 }
 
+/// Raises an alert: the trail, the log, the command and webhook; then the revocation if the rule
+/// asks for it. Never fails the request that triggered it. The same alert from the same uid is
+/// raised once in `WINDOW_SECS` and counted meanwhile (the next one says how many): a loop
+/// presenting a canary must not start a process, a webhook call and a trail line per try. The
+/// revocation is done every time (tokens minted meanwhile go too).
 pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>, what: String) {
+    b.metrics.refusal_alert(kind);
+    let Some(carried) = b.bursts.alert(kind, peer) else {
+        revoke_if_asked(b, kind, peer, false);
+        return;
+    };
+    let what = if carried > 0 {
+        format!(
+            "{what} (and {carried} more time(s) from this uid in the previous window, not raised one by one)"
+        )
+    } else {
+        what
+    };
     tracing::warn!(alert = kind, uid = peer.uid, "{what}");
     let event = Event {
         token_id: token.map(|t| t.to_string()),
@@ -108,7 +147,6 @@ pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>
     if let Err(e) = b.audit.record(EventKind::Alert, event) {
         tracing::error!(error = %e, "could not audit an alert");
     }
-    b.metrics.refusal_alert(kind);
     let cfg = b.served().config.alerts.clone();
     let payload = json!({
         "alert": kind,
@@ -167,8 +205,18 @@ pub fn raise(b: &Broker, kind: &'static str, peer: &Peer, token: Option<TokenId>
             }
         });
     }
-    if cfg.revoke_peer_on.iter().any(|k| k == kind) && peer.uid != UNKNOWN_UID {
-        let n = b.revoke_minted_by(peer.uid, kind);
+    revoke_if_asked(b, kind, peer, true);
+}
+
+/// `revoke_peer_on`: every live token the peer's uid minted. Written to the trail when the alert
+/// was raised, or when it revoked anything.
+fn revoke_if_asked(b: &Broker, kind: &'static str, peer: &Peer, raised: bool) {
+    let cfg = &b.served().config.alerts;
+    if !cfg.revoke_peer_on.iter().any(|k| k == kind) || peer.uid == UNKNOWN_UID {
+        return;
+    }
+    let n = b.revoke_minted_by(peer.uid, kind, raised);
+    if raised || n > 0 {
         tracing::warn!(
             alert = kind,
             uid = peer.uid,

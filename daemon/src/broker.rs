@@ -117,7 +117,7 @@ pub struct Inner {
     pub audit: Audit,
     pub started: Instant,
     pub metrics: crate::metrics::Metrics,
-    bursts: crate::alerts::Bursts,
+    pub(crate) bursts: crate::alerts::Bursts,
     mismatched: Mutex<std::collections::HashSet<TokenId>>,
     tokens: Mutex<HashMap<TokenId, TokenRecord>>,
     /// Calls between the start of their checks and their upstream answer's headers (see
@@ -414,7 +414,8 @@ impl Broker {
     }
 
     /// Revokes every live token minted by `uid` (an alert rule). Durable in the background.
-    pub fn revoke_minted_by(&self, uid: u32, why: &str) -> usize {
+    /// Audited when it revoked anything, or always with `always_audit`.
+    pub fn revoke_minted_by(&self, uid: u32, why: &str, always_audit: bool) -> usize {
         let now = now_secs();
         let mut map = self.tokens();
         let mut n = 0;
@@ -426,6 +427,9 @@ impl Broker {
             }
         }
         drop(map);
+        if n == 0 && !always_audit {
+            return 0;
+        }
         let event = Event {
             reason: Some(format!(
                 "alert {why}: revoked the {n} live token(s) minted by uid {uid}"

@@ -130,6 +130,7 @@ async fn a_canary_raises_an_alert_and_revokes_the_presenters_tokens() {
     );
     assert!(trail.contains("revoked the") && trail.contains("minted by uid"));
     assert_eq!(up.hits(), 1);
+
     // The alert command got the alert's JSON.
     let path = tmp.path().join("alert.json");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -147,6 +148,33 @@ async fn a_canary_raises_an_alert_and_revokes_the_presenters_tokens() {
     };
     let v: serde_json::Value = serde_json::from_str(&alert).expect("alert JSON");
     assert_eq!(v["alert"], "canary");
+
+    // A loop presenting it raises no more alerts for a while (no process, webhook call or trail
+    // line per try), but the revocation still holds for tokens minted meanwhile.
+    for _ in 0..20 {
+        assert_eq!(code(c.call(call(&canary)).await), ErrorCode::Revoked);
+    }
+    let fresh = c.mint(mint(false)).await.expect("mint").token;
+    assert_eq!(code(c.call(call(&canary)).await), ErrorCode::Revoked);
+    assert_eq!(
+        code(c.call(call(&fresh)).await),
+        ErrorCode::Revoked,
+        "minted after the alert, revoked at the next presentation"
+    );
+    let trail = d.audit_text();
+    assert_eq!(
+        trail
+            .matches("\"reason\":\"canary: a canary token was presented")
+            .count(),
+        1,
+        "{trail}"
+    );
+    assert_eq!(
+        trail.matches("live token(s) minted by uid").count(),
+        2,
+        "the first revocation, and the one that found the fresh token: {trail}"
+    );
+    assert_eq!(up.hits(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
