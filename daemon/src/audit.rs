@@ -151,7 +151,10 @@ impl Writer {
         let clipped = event.clipped();
         let event = clipped.as_ref().unwrap_or(event);
         let (line, hash) = chain_line(seq, kind, event, &self.prev, sig);
-        self.file.write_all(line.as_bytes()).map_err(|e| {
+        append_whole(&mut self.file, self.size, line.as_bytes(), |f, b| {
+            f.write_all(b)
+        })
+        .map_err(|e| {
             tracing::error!(error = %e, "audit write failed");
             "the audit trail could not be written".to_string()
         })?;
@@ -324,6 +327,25 @@ pub enum Scan {
     Skip,
     /// This line and every older one are out of the window.
     Stop,
+}
+
+/// Appends `line` to a file that holds `good_len` bytes, with `write`; when that fails, cuts the
+/// file back to `good_len`. A full disk fails a write midway: left in the file, the first part of
+/// the line would run into the next line written, and `till audit verify` would report an edited
+/// trail where there was only a full disk.
+fn append_whole(
+    file: &mut File,
+    good_len: u64,
+    line: &[u8],
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let Err(e) = write(file, line) else {
+        return Ok(());
+    };
+    if let Err(undo) = file.set_len(good_len) {
+        tracing::error!(error = %undo, "could not cut a partly written audit line off the trail");
+    }
+    Err(e)
 }
 
 /// Reads the trail backwards: the current file, then the rotated ones (`.1`, `.2`, …), newest
@@ -557,6 +579,43 @@ mod tests {
         let size: usize = got.iter().map(String::len).sum();
         assert!(size <= 10_000 && size > 9_000, "{size}");
         assert_eq!(got.last().map(String::as_str), all.last().copied());
+    }
+
+    /// A write that fails midway (a full disk) leaves nothing of its line: the next line written
+    /// follows the last whole one, and the trail still verifies.
+    #[test]
+    fn a_line_that_fails_midway_is_cut_off() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let text = trail(3);
+        std::fs::write(&path, &text).expect("write");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        let half_then_full = |f: &mut File, b: &[u8]| {
+            f.write_all(&b[..b.len() / 2])?;
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        };
+        let err = append_whole(
+            &mut file,
+            text.len() as u64,
+            b"{\"seq\":4,\"x\":1}\n",
+            half_then_full,
+        )
+        .expect_err("the write fails");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+        // Appending goes on from the cut (O_APPEND writes at the new end).
+        append_whole(&mut file, text.len() as u64, b"next\n", |f, b| {
+            f.write_all(b)
+        })
+        .expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!("{text}next\n")
+        );
     }
 
     /// Lines rotated into `.1` and `.2` are read after the current file's, newest first, as
