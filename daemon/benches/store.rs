@@ -34,6 +34,7 @@ fn record(i: u32) -> TokenRecord {
         budget: None,
         budget_used: 0,
         budget_lost: false,
+        revocation_unsaved: false,
     }
 }
 

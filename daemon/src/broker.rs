@@ -668,6 +668,7 @@ impl TokenRecord {
             budget: c.budget,
             budget_used: 0,
             budget_lost: false,
+            revocation_unsaved: false,
         }
     }
 

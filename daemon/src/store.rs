@@ -78,6 +78,10 @@ pub struct TokenRecord {
     /// An answer's usage could not be read, so the budget can no longer be kept: spent.
     #[serde(default)]
     pub budget_lost: bool,
+    /// Revoked in memory (and refused from then on), but its durable write failed: revoking it
+    /// again writes it again. Never stored.
+    #[serde(skip)]
+    pub revocation_unsaved: bool,
 }
 
 struct Job {
@@ -102,6 +106,8 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Durable writes queued and not yet waited for to the end.
     waiting: std::sync::atomic::AtomicUsize,
+    /// Why the last write failed, and when; `None` once a write succeeds again.
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -120,8 +126,18 @@ impl Shared {
         let entries: Vec<_> = batch.into_iter().map(|j| (j.key, j.value)).collect();
         let result = w.write(entries, durable).map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "store commit failed");
-            "the daemon could not record this durably".to_string()
+            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                "{e:#} (since {})",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            ));
+            "the daemon could not record this durably (see `till status`)".to_string()
         });
+        if result.is_ok() {
+            self.failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
         for ack in acks {
             let _ = ack.send(result.clone());
         }
@@ -227,14 +243,19 @@ impl Store {
                 path.display()
             )
         })?;
-        let tx = db.begin_write()?;
-        tx.open_table(TOKENS)?;
-        let after = tx
-            .open_table(META)?
-            .get(JOURNAL_SEQ)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        tx.commit()?;
+        let shown = path.display();
+        let after = (|| -> Result<u64> {
+            let tx = db.begin_write()?;
+            tx.open_table(TOKENS)?;
+            let after = tx
+                .open_table(META)?
+                .get(JOURNAL_SEQ)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            tx.commit()?;
+            Ok(after)
+        })()
+        .with_context(|| format!("cannot write the store {shown}"))?;
         // Replay what the journals hold beyond redb's last checkpoint, in order and without a
         // gap, and checkpoint it; both journals are then free.
         let mut journals = Vec::new();
@@ -262,7 +283,9 @@ impl Store {
                 "replaying the store's journal after an unclean stop"
             );
         }
-        pending.checkpoint(&db, last)?;
+        pending.checkpoint(&db, last).with_context(|| {
+            format!("cannot write what the journals hold into the store {shown}")
+        })?;
         let mut records = Vec::new();
         {
             let read = db.begin_read()?;
@@ -295,6 +318,7 @@ impl Store {
                 pending: Pending::default(),
             }),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            failure: Mutex::new(None),
         });
         let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
@@ -341,6 +365,15 @@ impl Store {
         if lazy && was_empty {
             self.shared.wake.notify_one();
         }
+    }
+
+    /// Why the store's last write failed, while no write has succeeded since.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Queues a write without waiting (mints): it is written with the next durable batch, or after
@@ -704,6 +737,7 @@ mod tests {
             budget: None,
             budget_used: 0,
             budget_lost: false,
+            revocation_unsaved: false,
         };
         (id, Some(serde_json::to_vec(&r).expect("json")))
     }

@@ -78,8 +78,15 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
         };
         for id in &ids {
             if let Some(rec) = map.get_mut(id) {
-                if rec.revoked_at.is_none() && rec.state(now) == till_protocol::TokenState::Live {
-                    rec.revoked_at = Some(now);
+                // A revocation that could not be written before is written again (and its
+                // audit line, which was not written, too).
+                let again = rec.revocation_unsaved;
+                if again
+                    || (rec.revoked_at.is_none()
+                        && rec.state(now) == till_protocol::TokenState::Live)
+                {
+                    rec.revoked_at.get_or_insert(now);
+                    rec.revocation_unsaved = true;
                     pending.push(b.store.put_durable(rec));
                     newly.push((*id, rec.service.clone()));
                 }
@@ -97,9 +104,18 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
     for result in join_all(pending.into_iter().map(|d| d.wait())).await {
         result.map_err(|e| {
             Refusal::internal(format!(
-                "{e}; the revocation may not have been recorded, try again"
+                "{e}; the token is refused from now on, but after a restart it would not be: \
+                 revoke it again once the daemon can write"
             ))
         })?;
+    }
+    {
+        let mut map = b.tokens();
+        for (id, _) in &newly {
+            if let Some(rec) = map.get_mut(id) {
+                rec.revocation_unsaved = false;
+            }
+        }
     }
     for (id, service) in newly {
         b.audit(

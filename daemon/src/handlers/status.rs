@@ -15,6 +15,17 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
         live_tokens: live,
         services: b.served().services.len() as u64,
         audit_log: Some(b.served().config.audit_log.display().to_string()),
-        warnings: b.stale_keys(),
+        warnings: b
+            .store
+            .failure()
+            .map(|e| {
+                format!(
+                    "the store cannot write: {e}. Activations and revocations are refused until \
+                     it can; if the disk is full, free space and restart tilld"
+                )
+            })
+            .into_iter()
+            .chain(b.stale_keys())
+            .collect(),
     }))
 }
