@@ -286,6 +286,16 @@ pub async fn handle(b: &Broker, peer: &Peer, req: MintRequest) -> Result<Respons
     let mut record = TokenRecord::from_claims(&claims, peer, note);
     record.canary = req.canary;
     let info = record.info(now_secs());
+    if b.store.failure().is_some() {
+        // The store's last write failed: this one is written durably before the token is
+        // handed out, not lazily. A store that still cannot write refuses the mint (the token
+        // could never be spent); one that can again clears `till status`'s warning.
+        if let Err(e) = b.store.put_durable(&record).wait().await {
+            return Err(Refusal::internal(format!(
+                "{e}; no token was minted. If the disk is full, free space and restart tilld"
+            )));
+        }
+    }
     b.insert(record);
     if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)) {
         // Fail closed: a token whose mint is not in the trail must not work.
