@@ -292,6 +292,24 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     // over the limit is refused for free.
     let max = b.served().config.max_body;
     let idle = b.served().config.gateway_idle_timeout;
+    // A client that waits for `100 Continue` before sending its body (curl does, for a large
+    // one) is told at once when the length it declares is over the limit, and sends nothing.
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let waits = req
+        .headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits && declared.is_some_and(|n| n > max as u64) {
+        let r = Refusal::bad_request(format!(
+            "the request body is over the limit of {max} bytes (daemon.max_body)"
+        ));
+        let mut resp = refusal_response(&b.deny(peer, refused(&service, &method), r), None);
+        *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        return resp;
+    }
     let body = match read_body(req.into_body(), max, idle).await {
         Ok(body) => body,
         Err((status, r)) => {

@@ -562,7 +562,7 @@ async fn bodies_over_max_body_are_refused_or_cut_off() {
     )
     .into_bytes();
     request.resize(request.len() + big, b'x');
-    let raw = raw_http(addr, request).await;
+    let raw = raw_http(addr.clone(), request).await;
     assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
     assert!(raw.contains("over the limit of 2048 bytes"), "{raw}");
     assert!(up.seen().is_empty(), "nothing went upstream");
@@ -572,6 +572,15 @@ async fn bodies_over_max_body_are_refused_or_cut_off() {
         .filter(|l| l.contains("\"deny\"") && l.contains("over the limit"))
         .count();
     assert_eq!(deny, 1, "the refusal is in the trail");
+
+    // As curl does with a large body: the head, then wait for `100 Continue`. The refusal comes
+    // instead, and no byte of the body is sent (here, none ever is).
+    let head = format!(
+        "POST /proxy/echo/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {auth}\r\nContent-Length: {big}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    let raw = raw_http(addr.clone(), head.into_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    assert!(up.seen().is_empty(), "nothing went upstream");
 
     // Within the limit going up; the echo coming back (the body plus every header) is over it,
     // and says so in its length: refused whole, the activation spent (the request went).
