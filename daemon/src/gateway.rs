@@ -97,7 +97,7 @@ async fn connection(
             // (its /mcp requests are counted again in `dispatch`, which does no harm).
             let _busy = crate::broker::REQUESTS.start();
             if req.uri().path() == "/mcp" {
-                return Ok::<_, Infallible>(mcp_request(&mcp, peer, req).await);
+                return Ok::<_, Infallible>(mcp_request(&mcp, peer, req, idle).await);
             }
             Ok::<_, Infallible>(handle(&b, &peer, req).await)
         }
@@ -128,9 +128,40 @@ async fn mcp_request(
     mcp: &crate::mcp::HttpService,
     peer: Peer,
     mut req: Request<Incoming>,
+    idle: std::time::Duration,
 ) -> Response<Body> {
+    // A POST without a session id opens a session: refused past the cap, before rmcp builds it.
+    let opens =
+        req.method() == hyper::Method::POST && !req.headers().contains_key("mcp-session-id");
+    if opens && mcp.open_sessions().await >= crate::mcp::MAX_HTTP_SESSIONS {
+        tracing::warn!(
+            uid = peer.uid,
+            max = crate::mcp::MAX_HTTP_SESSIONS,
+            "refused a new MCP session: too many are open"
+        );
+        // Read (and drop) the request first, so the connection stays usable.
+        let _ = read_body(req.into_body(), 1 << 20, idle).await;
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": null,
+            "error": {
+                "code": -32000,
+                "message": format!(
+                    "Till: {} MCP sessions are open, the most it keeps; close one (DELETE /mcp with \
+                     its Mcp-Session-Id) or try again later (idle ones close after 5 minutes)",
+                    crate::mcp::MAX_HTTP_SESSIONS
+                ),
+            },
+        });
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            body.to_string(),
+        );
+    }
     req.extensions_mut().insert(peer);
-    mcp.handle(req)
+    mcp.service
+        .handle(req)
         .await
         .map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }

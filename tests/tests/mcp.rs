@@ -468,3 +468,63 @@ async fn till_mcp_answers_with_a_reason_when_the_daemon_is_down() {
     assert!(msg.contains("start it"), "{msg}");
     s.cancel().await.expect("close");
 }
+
+/// Any local process can open MCP sessions over HTTP, and each costs the daemon memory until it
+/// has been idle for 5 minutes: past the cap a new one is refused with a reason, open ones keep
+/// working, and closing one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamable_http_mcp_sessions_are_capped() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let h = till_tests::http();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "many", "version": "1"}}});
+    let open = || {
+        h.post(format!("{g}/mcp"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(init.to_string())
+            .send()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..512 {
+        let resp = open().await.expect("initialize");
+        assert_eq!(resp.status(), 200);
+        ids.push(
+            resp.headers()["mcp-session-id"]
+                .to_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let refused = open().await.expect("initialize");
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.expect("JSON-RPC error");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("512 MCP sessions are open"), "{message}");
+
+    // An open session still works.
+    let ping = h
+        .post(format!("{g}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &ids[0])
+        .body(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string())
+        .send()
+        .await
+        .expect("notify");
+    assert_eq!(ping.status(), 202);
+
+    // Closing one makes room for one.
+    let closed = h
+        .delete(format!("{g}/mcp"))
+        .header("mcp-session-id", &ids[1])
+        .send()
+        .await
+        .expect("delete");
+    assert!(closed.status().is_success(), "{}", closed.status());
+    assert_eq!(open().await.expect("initialize").status(), 200);
+    assert_eq!(open().await.expect("initialize").status(), 503);
+}
