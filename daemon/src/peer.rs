@@ -105,11 +105,87 @@ fn groups_of(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Finds the uid owning the client end (`remote`) of a loopback TCP connection to `local`.
+/// Finds the uid owning the client end (`remote`) of a loopback TCP connection to `local`: asks
+/// the kernel for that one socket (`sock_diag`, as `ss` does), else reads `/proc/net/tcp` as
+/// identd does. The kernel writes that whole table for every read, one line per TCP socket on
+/// the host, so reading it per connection made each accept cost in proportion to every
+/// connection open: with thousands of idle connections the gateway's accept loop fell minutes
+/// behind. The lookup takes the same few microseconds however many there are.
 pub fn tcp_peer_uid(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
     if !remote.ip().is_loopback() {
         return None;
     }
+    match diag_uid(remote, local) {
+        Ok(uid) => uid,
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag failed; reading /proc/net/tcp");
+            proc_uid(local, remote)
+        }
+    }
+}
+
+/// `sock_diag`'s answer for the TCP socket whose own address is `src` and whose peer's is `dst`:
+/// its uid, `None` when there is no such socket.
+fn diag_uid(src: SocketAddr, dst: SocketAddr) -> std::io::Result<Option<u32>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const REQUEST_LEN: usize = 16 + 56;
+    let family = match src {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let addr = |a: SocketAddr| -> [u8; 16] {
+        let mut out = [0u8; 16];
+        match a.ip() {
+            IpAddr::V4(ip) => out[..4].copy_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => out.copy_from_slice(&ip.octets()),
+        }
+        out
+    };
+    // nlmsghdr, then inet_diag_req_v2 (linux/inet_diag.h): family, protocol, ext, pad, states,
+    // then the socket's id: ports and addresses in network order, interface, cookie (none).
+    let mut req = Vec::with_capacity(REQUEST_LEN);
+    req.extend_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&[0; 8]);
+    req.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&src.port().to_be_bytes());
+    req.extend_from_slice(&dst.port().to_be_bytes());
+    req.extend_from_slice(&addr(src));
+    req.extend_from_slice(&addr(dst));
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]);
+    let mut reply = [0u8; 512];
+    let n = crate::sys::sock_diag(&req, &mut reply)?;
+    let reply = &reply[..n];
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(reply.get(at..at + 4)?.try_into().ok()?))
+    };
+    let kind = reply
+        .get(4..6)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        .ok_or_else(|| std::io::Error::other("a short sock_diag answer"))?;
+    if kind == SOCK_DIAG_BY_FAMILY {
+        // inet_diag_msg after the 16-byte header: 4 bytes, the 48-byte id, expires, rqueue,
+        // wqueue, then uid.
+        return u32_at(16 + 4 + 48 + 12)
+            .map(Some)
+            .ok_or_else(|| std::io::Error::other("a short sock_diag answer"));
+    }
+    if kind == libc::NLMSG_ERROR as u16 {
+        // nlmsgerr: a negative errno. ENOENT: no such socket (gone already).
+        let errno = u32_at(16).map_or(0, |e| (e as i32).wrapping_neg());
+        if errno == libc::ENOENT {
+            return Ok(None);
+        }
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
+    Err(std::io::Error::other("an unexpected sock_diag answer"))
+}
+
+/// The same from `/proc/net/tcp{,6}`, where `sock_diag` is not allowed (some sandboxes).
+fn proc_uid(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
     let file = match remote {
         SocketAddr::V4(_) => "/proc/self/net/tcp",
         SocketAddr::V6(_) => "/proc/self/net/tcp6",
@@ -161,14 +237,33 @@ mod tests {
         );
     }
 
+    /// Both lookups find the owner of a loopback connection's client end: this process.
     #[test]
     fn own_loopback_connection_is_ours() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client =
-            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (server_side, remote) = listener.accept().expect("accept");
-        let local = server_side.local_addr().expect("local");
-        assert_eq!(remote, client.local_addr().expect("client addr"));
-        assert_eq!(tcp_peer_uid(local, remote), Some(crate::sys::uid()));
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(host) else {
+                continue; // no IPv6 loopback on this host
+            };
+            let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .expect("connect");
+            let (server_side, remote) = listener.accept().expect("accept");
+            let local = server_side.local_addr().expect("local");
+            assert_eq!(remote, client.local_addr().expect("client addr"));
+            let uid = crate::sys::uid();
+            assert_eq!(
+                diag_uid(remote, local).expect("sock_diag"),
+                Some(uid),
+                "{host}"
+            );
+            assert_eq!(proc_uid(local, remote), Some(uid), "{host}");
+            assert_eq!(tcp_peer_uid(local, remote), Some(uid), "{host}");
+            // A connection that is gone is no one's.
+            drop((client, server_side));
+            let unused: SocketAddr = match remote {
+                SocketAddr::V4(_) => "127.0.0.1:9".parse().expect("addr"),
+                SocketAddr::V6(_) => "[::1]:9".parse().expect("addr"),
+            };
+            assert_eq!(diag_uid(unused, local).expect("sock_diag"), None);
+        }
     }
 }

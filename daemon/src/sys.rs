@@ -168,3 +168,50 @@ pub fn recv_with_fds(
     }
     Ok((n as usize, fds))
 }
+
+/// One request and its answer on a `NETLINK_SOCK_DIAG` socket (the kernel's socket lookup, as
+/// `ss` uses it): sends `request`, a whole netlink message, and returns the length of the answer
+/// written into `reply`.
+pub fn sock_diag(request: &[u8], reply: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket() takes integers; the descriptor it returns is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, owned once.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The kernel answers a lookup at once; a second is plenty, and the gateway's accept loop
+    // must never hang on it.
+    let limit = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: a timeval of the size given, for the socket just made.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const limit).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: `request` is valid for its length; send() only reads it.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `reply` is valid for writes of its length; recv() writes at most that.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
