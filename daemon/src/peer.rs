@@ -106,11 +106,10 @@ fn groups_of(pid: i32) -> Vec<u32> {
 }
 
 /// Finds the uid owning the client end (`remote`) of a loopback TCP connection to `local`: asks
-/// the kernel for that one socket (`sock_diag`, as `ss` does), else reads `/proc/net/tcp` as
-/// identd does. The kernel writes that whole table for every read, one line per TCP socket on
-/// the host, so reading it per connection made each accept cost in proportion to every
-/// connection open: with thousands of idle connections the gateway's accept loop fell minutes
-/// behind. The lookup takes the same few microseconds however many there are.
+/// the kernel for that one socket (`sock_diag`, as `ss` does: about 6 µs), else reads
+/// `/proc/net/tcp` as identd does. To write that table the kernel walks its whole connection
+/// hash, which took 4–17 ms a reading on the VM Till is developed on, in the gateway's accept
+/// loop: a client opening a connection per request got 170 requests/s.
 pub fn tcp_peer_uid(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
     if !remote.ip().is_loopback() {
         return None;
