@@ -28,6 +28,9 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// SDK's pooled connection between requests, short enough that idle or stalled connections do
 /// not pile up.
 const DEFAULT_GATEWAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per uid. Every local user can reach the gateway, and each open connection holds about 30 KB
+/// (measured); without a bound, one user's idle connections could take the daemon's memory.
+const DEFAULT_GATEWAY_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 const MAX_BODY_LIMIT: usize = 11 * 1024 * 1024;
 
@@ -111,6 +114,8 @@ struct DaemonSection {
     /// How long the gateway waits for a request's headers (on a new connection, or between
     /// requests on a kept-alive one) before it closes the connection.
     gateway_idle_timeout: Option<String>,
+    /// The most gateway connections one uid may hold open at once.
+    gateway_max_connections: Option<usize>,
     admin_uids: Option<Vec<u32>>,
     max_body: Option<usize>,
     /// How long a spent, expired or revoked token's final state is kept for `till tokens --all`.
@@ -219,6 +224,7 @@ pub struct Config {
     pub audit_log: PathBuf,
     pub gateway: Option<SocketAddr>,
     pub gateway_idle_timeout: Duration,
+    pub gateway_max_connections: usize,
     pub admin_uids: Vec<u32>,
     pub default_uses: u32,
     pub default_ttl: Duration,
@@ -467,6 +473,10 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
             &d.gateway_idle_timeout,
             DEFAULT_GATEWAY_IDLE_TIMEOUT,
         )?,
+        gateway_max_connections: match d.gateway_max_connections {
+            Some(0) => bail!("daemon.gateway_max_connections must be at least 1"),
+            n => n.unwrap_or(DEFAULT_GATEWAY_MAX_CONNECTIONS),
+        },
         admin_uids,
         default_uses,
         default_ttl,

@@ -54,6 +54,7 @@ pub async fn serve(
         shutdown.child_token(),
     ));
     let mut failing = crate::server::AcceptFailures::default();
+    let open = Arc::new(OpenConnections::default());
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -72,12 +73,96 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(remote);
         let peer = Peer::from_tcp(local, remote);
+        let max = broker.served().config.gateway_max_connections;
+        let Some(held) = open.take(peer.uid, max) else {
+            tracker.spawn(refuse_connection(stream, max));
+            continue;
+        };
         let span = tracing::info_span!("http", id = peer.conn, %remote);
+        let conn = connection(stream, peer, broker.clone(), mcp.clone(), shutdown.clone());
         tracker.spawn(
-            connection(stream, peer, broker.clone(), mcp.clone(), shutdown.clone())
-                .instrument(span),
+            async move {
+                conn.await;
+                drop(held);
+            }
+            .instrument(span),
         );
     }
+}
+
+/// Open gateway connections per uid, and whether the cap was reported since it was last left.
+#[derive(Default)]
+struct OpenConnections(std::sync::Mutex<std::collections::HashMap<u32, (usize, bool)>>);
+
+/// One counted connection, until dropped.
+struct Held {
+    open: Arc<OpenConnections>,
+    uid: u32,
+}
+
+impl OpenConnections {
+    fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<Held> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, reported) = map.entry(uid).or_default();
+        if *n >= max {
+            if !std::mem::replace(reported, true) {
+                tracing::warn!(
+                    uid,
+                    max,
+                    "uid {uid} holds {max} gateway connections, the most one uid may \
+                     (daemon.gateway_max_connections); more are refused until some close"
+                );
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            open: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = self.open.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, reported)) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            } else {
+                *reported = false;
+            }
+        }
+    }
+}
+
+/// A connection over its uid's cap: a 503 that says why, then closed. What the client sent is
+/// read (briefly) first, so that closing does not reset the connection and lose the answer.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({"error": {
+        "message": format!(
+            "Till: this user already holds {max} connections to the gateway, the most it \
+             allows (daemon.gateway_max_connections); close some, or reuse them (keep-alive)"
+        ),
+        "type": "till_too_many_connections",
+        "code": "too_many_connections",
+    }})
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        stream.read(&mut scratch),
+    )
+    .await;
+    let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn connection(

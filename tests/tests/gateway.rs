@@ -602,3 +602,70 @@ async fn bodies_over_max_body_are_refused_or_cut_off() {
     );
     assert_eq!(up.seen().len(), 1);
 }
+
+/// One uid holds at most `gateway_max_connections` connections: past that a new one gets a 503
+/// that says why, the open ones keep working, and one closing makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_uid_are_capped() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, &format!("{GATEWAY}\ngateway_max_connections = 3"));
+    let g = d.gateway_url().await;
+    let addr = g.trim_start_matches("http://").to_owned();
+    let get = |conn: &mut std::net::TcpStream, close: bool| {
+        let extra = if close { "Connection: close\r\n" } else { "" };
+        conn.write_all(format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+            .expect("write");
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (a, held) = tokio::task::spawn_blocking(move || {
+        let mut held: Vec<std::net::TcpStream> = (0..3)
+            .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        for c in &mut held {
+            let answer = get(c, false);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        let mut fourth = std::net::TcpStream::connect(&addr).expect("connect");
+        fourth
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut refused = String::new();
+        fourth
+            .read_to_string(&mut refused)
+            .expect("read to the close");
+        (refused, (addr, held))
+    })
+    .await
+    .expect("clients");
+    assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+    assert!(
+        a.contains("already holds 3 connections") && a.contains("gateway_max_connections"),
+        "{a}"
+    );
+    let (addr, mut held) = held;
+    tokio::task::spawn_blocking(move || {
+        // The open ones still work.
+        let answer = get(&mut held[0], false);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // One closes (the daemon closes it after answering); then a new one is let in.
+        let answer = get(&mut held[1], true);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut c = std::net::TcpStream::connect(&addr).expect("connect");
+            let answer = get(&mut c, true);
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no room after a connection closed"
+            );
+        }
+    })
+    .await
+    .expect("clients");
+}
