@@ -358,11 +358,15 @@ fn tail_file(
     judge: impl Fn(&str) -> Scan,
 ) -> std::io::Result<Vec<String>> {
     use std::os::unix::fs::MetadataExt;
-    let mut kept = Vec::new();
-    let mut bytes = 0;
+    let mut kept = Kept {
+        lines: Vec::new(),
+        bytes: 0,
+        n,
+        max_bytes,
+    };
     // The current file must be there; a rotated one may not (rotation renames them one by one).
-    // Each is opened before the previous is read, and a file seen twice (a rotation in between
-    // renamed the current one to `.1`) is read once.
+    // A file seen twice (a rotation while this reads renamed the current one to `.1`, and so on)
+    // is read once: nothing is missed, and nothing is read twice.
     let mut seen = Vec::new();
     for i in 0u32.. {
         let file = if i == 0 {
@@ -379,20 +383,32 @@ fn tail_file(
             continue;
         }
         seen.push((meta.dev(), meta.ino()));
-        if !tail_one(
-            &file,
-            meta.len(),
-            n,
-            max_bytes,
-            &judge,
-            &mut kept,
-            &mut bytes,
-        )? {
+        if !tail_one(&file, meta.len(), &judge, &mut kept)? {
             break;
         }
     }
-    kept.reverse();
-    Ok(kept)
+    kept.lines.reverse();
+    Ok(kept.lines)
+}
+
+/// The lines [`tail_file`] keeps, newest first, and its limits.
+struct Kept {
+    lines: Vec<String>,
+    bytes: usize,
+    n: usize,
+    max_bytes: usize,
+}
+
+impl Kept {
+    /// Keeps `line`; returns whether there is room for more.
+    fn push(&mut self, line: &str) -> bool {
+        self.bytes += line.len();
+        if self.bytes > self.max_bytes {
+            return false;
+        }
+        self.lines.push(line.to_owned());
+        self.lines.len() < self.n
+    }
 }
 
 /// One file of [`tail_file`], newest line first, into `kept`. Returns whether older lines may
@@ -400,15 +416,12 @@ fn tail_file(
 fn tail_one(
     file: &File,
     len: u64,
-    n: usize,
-    max_bytes: usize,
     judge: &impl Fn(&str) -> Scan,
-    kept: &mut Vec<String>,
-    bytes: &mut usize,
+    kept: &mut Kept,
 ) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
     const BLOCK: u64 = 64 * 1024;
-    if kept.len() >= n {
+    if kept.lines.len() >= kept.n {
         return Ok(false);
     }
     let mut pos = len;
@@ -452,12 +465,7 @@ fn tail_one(
                 Scan::Skip => {}
                 Scan::Stop => return Ok(false),
                 Scan::Keep => {
-                    *bytes += line.len();
-                    if *bytes > max_bytes {
-                        return Ok(false);
-                    }
-                    kept.push(line.to_owned());
-                    if kept.len() >= n {
+                    if !kept.push(line) {
                         return Ok(false);
                     }
                 }

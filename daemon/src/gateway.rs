@@ -400,7 +400,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
                     "header {} is not valid text",
                     crate::clip(k.as_str(), crate::MAX_QUOTED_NAME)
                 ));
-                return refusal_response(&b.deny(peer, refused(&service, &method), r), None);
+                return refuse_early(b, peer, &service, &method, StatusCode::BAD_REQUEST, r);
             }
         }
     }
@@ -419,20 +419,12 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         .get(hyper::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if waits && declared.is_some_and(|n| n > max as u64) {
-        let r = Refusal::bad_request(format!(
-            "the request body is over the limit of {max} bytes (daemon.max_body)"
-        ));
-        let mut resp = refusal_response(&b.deny(peer, refused(&service, &method), r), None);
-        *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        return resp;
+        let (status, r) = body_too_large(max);
+        return refuse_early(b, peer, &service, &method, status, r);
     }
     let body = match read_body(req.into_body(), max, idle).await {
         Ok(body) => body,
-        Err((status, r)) => {
-            let mut resp = refusal_response(&b.deny(peer, refused(&service, &method), r), None);
-            *resp.status_mut() = status;
-            return resp;
-        }
+        Err((status, r)) => return refuse_early(b, peer, &service, &method, status, r),
     };
     let act = activate(
         b,
@@ -657,21 +649,36 @@ async fn read_body(
         }
     }
     if seen > max {
-        let r = Refusal::bad_request(format!(
-            "the request body is over the limit of {max} bytes (daemon.max_body)"
-        ));
-        return Err((StatusCode::PAYLOAD_TOO_LARGE, r));
+        return Err(body_too_large(max));
     }
     Ok(kept.freeze())
 }
 
-/// The `deny` line of a request refused before `activate` (which records its own refusals).
-fn refused(service: &Option<String>, method: &str) -> crate::audit::Event {
-    crate::audit::Event {
+fn body_too_large(max: usize) -> (StatusCode, Refusal) {
+    let r = Refusal::bad_request(format!(
+        "the request body is over the limit of {max} bytes (daemon.max_body)"
+    ));
+    (StatusCode::PAYLOAD_TOO_LARGE, r)
+}
+
+/// A request refused before `activate` (which records its own refusals): its `deny` line, and
+/// the answer with `status`.
+fn refuse_early(
+    b: &Broker,
+    peer: &Peer,
+    service: &Option<String>,
+    method: &str,
+    status: StatusCode,
+    refusal: Refusal,
+) -> Response<Body> {
+    let event = crate::audit::Event {
         service: service.clone(),
         method: Some(method.to_owned()),
         ..Default::default()
-    }
+    };
+    let mut resp = refusal_response(&b.deny(peer, event, refusal), None);
+    *resp.status_mut() = status;
+    resp
 }
 
 /// `till_secret_age_seconds{service}`: how old each key is, for alerting on `max_age`.

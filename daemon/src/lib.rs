@@ -51,13 +51,12 @@ use crate::peer::Peer;
 /// How long shutdown waits for requests in flight.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Creates `dir` (and parents) 0700 if it does not exist. An existing directory is left as it is.
-/// `s` cut to at most `max` bytes (on a character boundary), saying how long it was. For anything a
-/// caller sent that goes into a reply or an audit line: a peer must not be able to write megabytes
-/// into the trail, or flush its history out through rotation, with one long name.
 /// How much of a name a caller sent (a service, a header) is quoted back or written to the trail.
 pub const MAX_QUOTED_NAME: usize = 128;
 
+/// `s` cut to at most `max` bytes (on a character boundary), saying how long it was. For anything a
+/// caller sent that goes into a reply or an audit line: a peer must not be able to write megabytes
+/// into the trail, or flush its history out through rotation, with one long name.
 pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return std::borrow::Cow::Borrowed(s);
@@ -69,6 +68,7 @@ pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}…[{} bytes]", &s[..end], s.len()))
 }
 
+/// Creates `dir` (and parents) 0700 if it does not exist. An existing directory is left as it is.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     if dir.as_os_str().is_empty() || dir.exists() {
         return Ok(());

@@ -580,14 +580,20 @@ impl TestDaemon {
 
     /// Runs the `till` CLI against this daemon.
     pub fn till(&self, args: &[&str]) -> Output {
-        Command::new(bin("till"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("TILL_TOKEN")
+        self.till_command(args)
             .stdin(Stdio::null())
             .output()
             .expect("run till")
+    }
+
+    /// `till --socket <this daemon's> args...`, to be given its stdio and run.
+    pub fn till_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("till"));
+        c.arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TILL_TOKEN");
+        c
     }
 
     pub fn kill9(&mut self) {

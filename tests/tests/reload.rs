@@ -190,13 +190,8 @@ async fn a_bad_config_is_refused_and_the_old_one_keeps_serving() {
 async fn till_rotate_reads_the_new_key_from_stdin() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);
-    let mut child = std::process::Command::new(till_tests::bin("till"))
-        .args([
-            "--socket",
-            d.socket.to_str().expect("utf8"),
-            "rotate",
-            "echo",
-        ])
+    let mut child = d
+        .till_command(&["rotate", "echo"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -261,13 +256,8 @@ async fn till_rotate_on_a_terminal_does_not_echo_the_key() {
             )
         }
     };
-    let mut child = std::process::Command::new(till_tests::bin("till"))
-        .args([
-            "--socket",
-            d.socket.to_str().expect("utf8"),
-            "rotate",
-            "echo",
-        ])
+    let mut child = d
+        .till_command(&["rotate", "echo"])
         .stdin(std::process::Stdio::from(slave))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

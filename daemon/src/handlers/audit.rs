@@ -8,9 +8,6 @@ use crate::peer::Peer;
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 100_000;
-/// Lines in one reply, in bytes: well inside a frame (16 MiB) once JSON-escaped. A follower
-/// that falls further behind than this in one poll sees the newest lines.
-const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
 pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Response, Refusal> {
     b.require_admin(peer, "reading the audit trail")?;
@@ -76,9 +73,14 @@ pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Respon
             Scan::Skip
         }
     };
-    let lines = b.audit.tail(n, MAX_REPLY_BYTES, judge).await.map_err(|e| {
-        tracing::error!(error = %e, "cannot read the audit trail");
-        Refusal::internal("the audit trail could not be read; see the daemon's log")
-    })?;
+    // A follower that falls further behind than one reply holds sees the newest lines.
+    let lines = b
+        .audit
+        .tail(n, super::MAX_REPLY_BYTES, judge)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot read the audit trail");
+            Refusal::internal("the audit trail could not be read; see the daemon's log")
+        })?;
     Ok(Response::Audit(AuditReply { lines }))
 }

@@ -16,6 +16,11 @@ use till_protocol::{Request, Response, RevokeTarget};
 use crate::broker::{Broker, Refusal};
 use crate::peer::Peer;
 
+/// The most bytes of listed items (audit lines, tokens) in one reply: well inside a frame
+/// (16 MiB) once JSON-escaped. What the daemon holds can be far more (a trail of 100 MiB, a
+/// million tokens), so every list is cut here and says how much more there is.
+pub const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
 /// Runs one request. A refusal becomes an error reply here, in one place, for every adapter, and a
 /// `deny` line in the trail (a `call` writes its own, with the method and path it asked for).
 pub async fn dispatch(b: &Broker, peer: &Peer, req: Request) -> Response {

@@ -9,12 +9,12 @@ use till_protocol::{ErrorCode, Response, RevokeReply, RevokeRequest, RevokeTarge
 
 use crate::audit::{Event, EventKind, PeerJson};
 use crate::broker::{Broker, Refusal, now_secs};
+use crate::peer::Peer;
 use crate::store::TokenRecord;
 
 /// Revoked tokens listed in a reply, at most: the rest are counted (a reply must fit in a frame,
 /// and `revoke --all` can revoke a million).
 const MAX_LISTED: usize = 1000;
-use crate::peer::Peer;
 
 /// Resolves a token string or id to an id the peer may act on.
 pub fn resolve_one(b: &Broker, peer: &Peer, token_or_id: &str) -> Result<TokenId, Refusal> {
@@ -104,8 +104,8 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
     for result in join_all(pending.into_iter().map(|d| d.wait())).await {
         result.map_err(|e| {
             Refusal::internal(format!(
-                "{e}; the token is refused from now on, but after a restart it would not be: \
-                 revoke it again once the daemon can write"
+                "{e}; what was revoked is refused from now on, but after a restart it would not \
+                 be: revoke again once the daemon can write"
             ))
         })?;
     }

@@ -6,9 +6,6 @@ use crate::broker::{Broker, Refusal, now_secs};
 use crate::peer::Peer;
 
 const DEFAULT_LIMIT: usize = 1000;
-/// Tokens in one reply, in bytes of JSON: well inside a frame (16 MiB). A daemon can hold a
-/// million tokens; a reply that listed them all would not fit.
-const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
 pub async fn handle(b: &Broker, peer: &Peer, req: TokensRequest) -> Result<Response, Refusal> {
     let now = now_secs();
@@ -29,7 +26,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: TokensRequest) -> Result<Respo
         for r in matching.into_iter().take(limit) {
             let info = r.info(now);
             bytes += serde_json::to_vec(&info).map_or(0, |v| v.len());
-            if bytes > MAX_REPLY_BYTES {
+            if bytes > super::MAX_REPLY_BYTES {
                 break;
             }
             listed.push(info);
