@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use till_protocol::{CallRequest, ErrorCode, MintRequest};
-use till_tests::{Client, ClientError, SECRET, TestDaemon, Upstream, http};
+use till_tests::{Client, ClientError, SECRET, TestDaemon, Upstream, http, standard_config};
 
 const NEW_KEY: &str = "sk-live-ROTATED-99999999999999";
 
@@ -20,9 +20,16 @@ fn replace_file(path: &std::path::Path, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replaced_secret_file_switches_keys_with_no_failed_request() {
     let up = Upstream::start(None).await;
-    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    // Room for more activations than 32 clients can spend while the switch is noticed: under
+    // load that can take long enough to spend a thousand, and a spent token would stop the
+    // traffic this test waits on.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = standard_config(tmp.path(), &up.url(), "gateway = \"127.0.0.1:0\"")
+        .replace("max_uses = 1000\n", "max_uses = 1000000000\n");
+    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
+    let d = TestDaemon::start_in(tmp.path());
     let g = d.gateway_url().await;
-    let token = d.mint("echo", "GET /r", 1000).await.token;
+    let token = d.mint("echo", "GET /r", 1_000_000_000).await.token;
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
