@@ -69,6 +69,8 @@ pub enum ProxyError {
     BadHeader(String),
     #[error("the upstream did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the upstream's answer stopped for longer than {0:?} before it was complete")]
+    Stalled(Duration),
     #[error("could not reach the upstream: {0}")]
     Connect(String),
     #[error("the upstream's answer is larger than the limit of {0} bytes")]
@@ -192,6 +194,7 @@ pub fn client_for(svc: &ServiceConfig) -> anyhow::Result<Client> {
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(svc.connect_timeout)
+        .read_timeout(svc.timeout)
         .user_agent(concat!("till/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = &svc.ca_file {
         let shown = path.display();
@@ -359,15 +362,17 @@ pub async fn send(svc: &Service, out: Outgoing<'_>) -> Result<reqwest::Response,
     let headers = request_headers(cfg, out.headers, &svc.secret)?;
     let method = reqwest::Method::from_bytes(out.method.as_str().as_bytes())
         .map_err(|_| ProxyError::Other("bad method".into()))?;
-    let mut req = svc
-        .client
-        .request(method, url)
-        .headers(headers)
-        .timeout(cfg.timeout);
+    let mut req = svc.client.request(method, url).headers(headers);
     if !out.body.is_empty() {
         req = req.body(out.body);
     }
-    let resp = req.send().await.map_err(|e| classify(e, cfg.timeout))?;
+    // `timeout` bounds the wait for the answer to start here, and each silence within its body
+    // (the client's read timeout), never the whole: a streamed completion that keeps coming for
+    // minutes is not cut off, and one that stalls is.
+    let resp = tokio::time::timeout(cfg.timeout, req.send())
+        .await
+        .map_err(|_| ProxyError::Timeout(cfg.timeout))?
+        .map_err(|e| classify(e, cfg.timeout))?;
     if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
         && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
     {
@@ -404,7 +409,10 @@ pub async fn forward(
     let headers = response_headers(&resp, &svc.scrubber);
     let timeout = svc.config.timeout;
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, timeout))? {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| match e.is_timeout() {
+        true => ProxyError::Stalled(timeout),
+        false => classify(e, timeout),
+    })? {
         if body.len() + chunk.len() > max_body {
             return Err(ProxyError::TooLarge(max_body));
         }

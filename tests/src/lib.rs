@@ -233,6 +233,32 @@ async fn echo(
     if path_and_query.starts_with("/v1/chat/completions") {
         return chat_completion(&auth, &echo["body"]);
     }
+    if let Some(query) = path_and_query.strip_prefix("/drip?") {
+        // `n` events, one every `ms` milliseconds: an answer that takes long but never goes quiet
+        // for long, as an LLM's streamed completion does.
+        let arg = |name: &str| -> u64 {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+        };
+        let (n, every) = (arg("n"), Duration::from_millis(arg("ms")));
+        let stream = futures_util::stream::unfold(0u64, move |i| async move {
+            if i == n {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            let c = Bytes::from(format!("data: {i}\n\n"));
+            Some((Ok::<_, Infallible>(hyper::body::Frame::data(c)), i + 1))
+        });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(StreamBody::new(stream).boxed())
+            .expect("response");
+    }
     if path_and_query.starts_with("/stream") {
         // The key, echoed in two chunks split mid-key, then a second event after the gate opens.
         let (first, second) = auth.split_at(auth.len() / 2);
@@ -385,6 +411,12 @@ impl TestDaemon {
 
     pub fn start_extra(upstream: &Upstream, extra_daemon: &str) -> TestDaemon {
         Self::start_fresh(upstream, extra_daemon, "", tilld_on)
+    }
+
+    /// The standard config with `extra_daemon` in its `[daemon]` section and `more` at its end
+    /// (`{dir}` in it becomes the daemon's directory, where `echo.key` is).
+    pub fn start_with(upstream: &Upstream, extra_daemon: &str, more: &str) -> TestDaemon {
+        Self::start_fresh(upstream, extra_daemon, more, tilld_on)
     }
 
     /// A fresh temp dir (kept as long as the daemon) with the standard config for `upstream`:

@@ -335,15 +335,11 @@ async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_are_502_and_504_with_a_clear_body() {
     let up = Upstream::start(None).await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut text = till_tests::standard_config(tmp.path(), &up.url(), GATEWAY);
-    text.push_str(&format!(
-        "\n[services.down]\nbase_url = \"http://127.0.0.1:1\"\nsecret = {{ file = \"{0}/echo.key\" }}\nallow = [\"GET /**\"]\n\n[services.slow]\nbase_url = \"{1}\"\nsecret = {{ file = \"{0}/echo.key\" }}\nallow = [\"GET /**\"]\ntimeout = \"1s\"\n",
-        tmp.path().display(),
+    let more = format!(
+        "\n[services.down]\nbase_url = \"http://127.0.0.1:1\"\nsecret = {{ file = \"{{dir}}/echo.key\" }}\nallow = [\"GET /**\"]\n\n[services.slow]\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/echo.key\" }}\nallow = [\"GET /**\"]\ntimeout = \"1s\"\n",
         up.url()
-    ));
-    std::fs::write(tmp.path().join("till.toml"), text).expect("config");
-    let d = TestDaemon::start_in(tmp.path());
+    );
+    let d = TestDaemon::start_with(&up, GATEWAY, &more);
     let g = d.gateway_url().await;
     let t = mint(&d, "down", &["GET /x"], 1).await;
     let (status, _, body) = error_of(
@@ -392,6 +388,72 @@ async fn upstream_failures_are_502_and_504_with_a_clear_body() {
         reasons[1].starts_with("\"slow\" \"upstream_timeout:"),
         "{reasons:?}"
     );
+}
+
+/// A service's `timeout` bounds how long its answer takes to start and each silence within it,
+/// not the whole: an answer that keeps coming for longer passes through whole (a long streamed
+/// completion), and one that goes quiet for longer is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_answer_that_keeps_coming_is_not_cut_off_and_a_stalled_one_is() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        "\n[services.paced]\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/echo.key\" }}\nallow = [\"GET /**\"]\ntimeout = \"1s\"\n",
+        up.url()
+    );
+    let d = TestDaemon::start_with(&up, GATEWAY, &more);
+    let g = d.gateway_url().await;
+    // 8 events 300 ms apart: 2.1 s in all, never 1 s without one.
+    let whole: String = (0..8).map(|i| format!("data: {i}\n\n")).collect();
+    let t = mint(&d, "paced", &["GET /drip", "GET /stream"], 4).await;
+    let started = std::time::Instant::now();
+    let resp = http()
+        .get(format!("{g}/proxy/paced/drip?n=8&ms=300"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("the whole stream");
+    assert_eq!(body, whole);
+    assert!(started.elapsed() > std::time::Duration::from_secs(2));
+    // The same through the socket, which reads the whole answer before replying.
+    let mut c = d.client().await;
+    let reply = c
+        .call(till_protocol::CallRequest {
+            token: Some(t.clone()),
+            method: "GET".into(),
+            path: "/drip?n=8&ms=300".into(),
+            ..till_protocol::CallRequest::default()
+        })
+        .await
+        .expect("call");
+    assert_eq!(reply.status, 200);
+    assert_eq!(String::from_utf8_lossy(&reply.body), whole);
+    // `/stream` sends its first event, then nothing until released (never, here): cut off after
+    // the timeout, on the gateway (the stream ends in an error) and on the socket (a refusal).
+    let resp = http()
+        .get(format!("{g}/proxy/paced/stream"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(30), resp.bytes())
+        .await
+        .expect("cut off, not left hanging");
+    assert!(got.is_err(), "a stalled stream ends in an error");
+    let refused = c
+        .call(till_protocol::CallRequest {
+            token: Some(t),
+            method: "GET".into(),
+            path: "/stream".into(),
+            ..till_protocol::CallRequest::default()
+        })
+        .await
+        .expect_err("stalled");
+    let message = refused.to_string();
+    assert!(message.contains("stopped for longer than 1s"), "{message}");
+    assert!(!message.contains(SECRET));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -145,7 +145,7 @@ pub fn upstream_refusal(service: &str, e: &ProxyError) -> Refusal {
     tracing::warn!(service, error = %e, "upstream request failed");
     let code = match e {
         ProxyError::BadHeader(_) => ErrorCode::BadRequest,
-        ProxyError::Timeout(_) => ErrorCode::UpstreamTimeout,
+        ProxyError::Timeout(_) | ProxyError::Stalled(_) => ErrorCode::UpstreamTimeout,
         _ => ErrorCode::UpstreamFailed,
     };
     Refusal::new(
