@@ -30,7 +30,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_GATEWAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per uid. Every local user can reach the gateway, and each open connection holds about 30 KB
 /// (measured); without a bound, one user's idle connections could take the daemon's memory.
-const DEFAULT_GATEWAY_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 const MAX_BODY_LIMIT: usize = 11 * 1024 * 1024;
 
@@ -116,6 +116,8 @@ struct DaemonSection {
     gateway_idle_timeout: Option<String>,
     /// The most gateway connections one uid may hold open at once.
     gateway_max_connections: Option<usize>,
+    /// The most connections one uid may hold open to the native and MCP sockets together.
+    socket_max_connections: Option<usize>,
     admin_uids: Option<Vec<u32>>,
     max_body: Option<usize>,
     /// How long a spent, expired or revoked token's final state is kept for `till tokens --all`.
@@ -225,6 +227,7 @@ pub struct Config {
     pub gateway: Option<SocketAddr>,
     pub gateway_idle_timeout: Duration,
     pub gateway_max_connections: usize,
+    pub socket_max_connections: usize,
     pub admin_uids: Vec<u32>,
     pub default_uses: u32,
     pub default_ttl: Duration,
@@ -475,7 +478,11 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
         )?,
         gateway_max_connections: match d.gateway_max_connections {
             Some(0) => bail!("daemon.gateway_max_connections must be at least 1"),
-            n => n.unwrap_or(DEFAULT_GATEWAY_MAX_CONNECTIONS),
+            n => n.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        },
+        socket_max_connections: match d.socket_max_connections {
+            Some(0) => bail!("daemon.socket_max_connections must be at least 1"),
+            n => n.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         },
         admin_uids,
         default_uses,

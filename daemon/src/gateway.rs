@@ -54,7 +54,10 @@ pub async fn serve(
         shutdown.child_token(),
     ));
     let mut failing = crate::server::AcceptFailures::default();
-    let open = Arc::new(OpenConnections::default());
+    let open = Arc::new(crate::server::OpenConnections::new(
+        "gateway connections",
+        "daemon.gateway_max_connections",
+    ));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -87,53 +90,6 @@ pub async fn serve(
             }
             .instrument(span),
         );
-    }
-}
-
-/// Open gateway connections per uid, and whether the cap was reported since it was last left.
-#[derive(Default)]
-struct OpenConnections(std::sync::Mutex<std::collections::HashMap<u32, (usize, bool)>>);
-
-/// One counted connection, until dropped.
-struct Held {
-    open: Arc<OpenConnections>,
-    uid: u32,
-}
-
-impl OpenConnections {
-    fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<Held> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, reported) = map.entry(uid).or_default();
-        if *n >= max {
-            if !std::mem::replace(reported, true) {
-                tracing::warn!(
-                    uid,
-                    max,
-                    "uid {uid} holds {max} gateway connections, the most one uid may \
-                     (daemon.gateway_max_connections); more are refused until some close"
-                );
-            }
-            return None;
-        }
-        *n += 1;
-        Some(Held {
-            open: self.clone(),
-            uid,
-        })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut map = self.open.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((n, reported)) = map.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.uid);
-            } else {
-                *reported = false;
-            }
-        }
     }
 }
 
@@ -284,7 +240,7 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
         }
         ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ShuttingDown | ErrorCode::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let body = serde_json::json!({

@@ -5,7 +5,9 @@
 //! and the connection is closed (the stream cannot be resynchronised). Logs carry sizes and kinds,
 //! never payload bytes.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -119,17 +121,87 @@ impl AcceptFailures {
     }
 }
 
+/// Open connections per uid, and whether the cap was reported since it was last left. Every local
+/// user may reach the gateway, and every member of the socket's group the sockets; each connection
+/// holds memory (15-30 KB) and a descriptor, so without a cap one uid could take them all, and
+/// with the descriptors, everyone else's access.
+pub struct OpenConnections {
+    counts: Mutex<HashMap<u32, (usize, bool)>>,
+    /// What is counted ("gateway connections"), and the config key that sets the cap.
+    what: &'static str,
+    key: &'static str,
+}
+
+/// One counted connection, until dropped.
+pub struct Held {
+    open: Arc<OpenConnections>,
+    uid: u32,
+}
+
+impl OpenConnections {
+    pub fn new(what: &'static str, key: &'static str) -> OpenConnections {
+        OpenConnections {
+            counts: Mutex::default(),
+            what,
+            key,
+        }
+    }
+
+    /// Counts a connection of `uid`, unless it already holds `max`.
+    pub fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<Held> {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, reported) = map.entry(uid).or_default();
+        if *n >= max {
+            if !std::mem::replace(reported, true) {
+                tracing::warn!(
+                    uid,
+                    max,
+                    "uid {uid} holds {max} {}, the most one uid may ({}); more are refused \
+                     until some close",
+                    self.what,
+                    self.key
+                );
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            open: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = self.open.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, reported)) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            } else {
+                *reported = false;
+            }
+        }
+    }
+}
+
 /// Accepts on a Unix socket until `shutdown` fires, reads each peer's credentials, and runs
-/// `serve_one(stream, peer)` for it on `tracker`. Shared by the native and the MCP socket.
-pub async fn accept_unix<F, Fut>(
+/// `serve_one(stream, peer)` for it on `tracker`; or, for a peer whose uid already holds
+/// `daemon.socket_max_connections` (counted over both sockets, in `open`), `refuse(stream,
+/// message)`. Shared by the native and the MCP socket.
+pub async fn accept_unix<F, Fut, R, RFut>(
     listener: UnixListener,
+    (broker, open): (Broker, Arc<OpenConnections>),
     shutdown: CancellationToken,
     tracker: TaskTracker,
     name: &'static str,
-    serve_one: F,
+    (serve_one, refuse): (F, R),
 ) where
     F: Fn(UnixStream, Peer) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
+    R: Fn(UnixStream, String) -> RFut,
+    RFut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut failing = AcceptFailures::default();
     loop {
@@ -154,25 +226,61 @@ pub async fn accept_unix<F, Fut>(
                 continue;
             }
         };
+        let max = broker.served().config.socket_max_connections;
+        let Some(held) = open.take(peer.uid, max) else {
+            let message = format!(
+                "uid {} already holds {max} connections to tilld's sockets, the most one uid \
+                 may (daemon.socket_max_connections); close some, or reuse them",
+                peer.uid
+            );
+            tracker.spawn(refuse(stream, message));
+            continue;
+        };
         let span = tracing::info_span!("conn", socket = name, id = peer.conn, uid = peer.uid, pid = ?peer.pid);
-        tracker.spawn(serve_one(stream, peer).instrument(span));
+        let conn = serve_one(stream, peer);
+        tracker.spawn(
+            async move {
+                conn.await;
+                drop(held);
+            }
+            .instrument(span),
+        );
     }
+}
+
+/// Lets a refused peer's first message arrive (briefly) before the answer and the close, so
+/// that closing with it unread does not lose the answer.
+pub async fn read_briefly(stream: &mut UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut scratch)).await;
 }
 
 /// Serves the native protocol until `shutdown` fires.
 pub async fn serve(
     listener: UnixListener,
-    broker: Broker,
+    (broker, open): (Broker, Arc<OpenConnections>),
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let s = shutdown.clone();
+    let b = broker.clone();
     accept_unix(
         listener,
+        (broker, open),
         shutdown,
         tracker,
         "till.sock",
-        move |stream, peer| connection(stream, peer, broker.clone(), s.clone()),
+        (
+            move |stream, peer| connection(stream, peer, b.clone(), s.clone()),
+            |mut stream: UnixStream, message: String| async move {
+                read_briefly(&mut stream).await;
+                let mut framed = FrameStream::new(stream);
+                let _ = framed
+                    .send_json(&error(ErrorCode::TooManyConnections, message))
+                    .await;
+            },
+        ),
     )
     .await;
 }

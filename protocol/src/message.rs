@@ -378,6 +378,7 @@ pub enum ErrorCode {
     UpstreamTimeout,
     Internal,
     ShuttingDown,
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -401,6 +402,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }

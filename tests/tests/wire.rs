@@ -225,3 +225,75 @@ async fn a_huge_name_cannot_bloat_the_trail_or_the_refusal() {
     );
     assert!(d.till(&["audit", "verify"]).status.success());
 }
+
+/// One uid holds at most `socket_max_connections` connections to the native and MCP sockets
+/// together; past that each socket answers with a refusal that says why (an error frame, a
+/// JSON-RPC error), the open ones keep working, and one that closes makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_uid_to_the_sockets_are_capped() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "socket_max_connections = 3");
+    let mut held: Vec<UnixStream> = (0..3).map(|_| connect(&d)).collect();
+    for s in &mut held {
+        hello(s);
+    }
+    // The native socket: what the CLI shows.
+    let out = d.till(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds 3 connections") && err.contains("socket_max_connections"),
+        "{err}"
+    );
+    // A raw client gets the error frame in place of its hello.
+    let mut fourth = connect(&d);
+    fourth
+        .write_all(&frame(
+            br#"{"type":"hello","protocol_version":1,"client":"raw test"}"#,
+        ))
+        .expect("write hello");
+    assert_error(
+        &read_reply(&mut fourth),
+        "too_many_connections",
+        "socket_max_connections",
+    );
+    // The MCP socket counts toward the same cap: a JSON-RPC error, then the close.
+    let mut mcp = UnixStream::connect(d.dir.join("mcp.sock")).expect("connect mcp");
+    mcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    mcp.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{}}\n")
+        .expect("write");
+    let mut answer = String::new();
+    mcp.read_to_string(&mut answer).expect("read to the close");
+    let v: Value = serde_json::from_str(answer.trim()).expect("one JSON-RPC line");
+    assert_eq!(v["error"]["code"], -32000, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("socket_max_connections")),
+        "{v}"
+    );
+    // The open ones still work.
+    held[0]
+        .write_all(&frame(br#"{"type":"status"}"#))
+        .expect("write");
+    assert_eq!(read_reply(&mut held[0])["type"], "status");
+    // One closes; then a new one is let in (once the daemon has seen the close).
+    held.pop().expect("held").shutdown(Shutdown::Both).ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = d.till(&["status"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("socket_max_connections"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+    }
+}
