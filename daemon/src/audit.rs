@@ -42,6 +42,30 @@ pub enum EventKind {
     Checkpoint,
 }
 
+impl EventKind {
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Mint,
+        EventKind::Activate,
+        EventKind::Answer,
+        EventKind::Charge,
+        EventKind::Deny,
+        EventKind::Revoke,
+        EventKind::Reload,
+        EventKind::Start,
+        EventKind::Stop,
+        EventKind::Alert,
+        EventKind::Checkpoint,
+    ];
+
+    /// The name in the trail's `event` field.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
 /// One event before it is numbered and chained.
 #[derive(Debug, Clone, Default)]
 pub struct Event {
@@ -624,6 +648,31 @@ mod tests {
             std::fs::read_to_string(&path).expect("read"),
             format!("{text}next\n")
         );
+    }
+
+    #[test]
+    fn every_kind_has_its_own_name() {
+        let names: std::collections::BTreeSet<String> =
+            EventKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), EventKind::ALL.len());
+        assert!(names.iter().all(|n| !n.is_empty()));
+        // A new kind breaks this match: the reminder to add it to ALL, without which it would
+        // be refused as a filter.
+        for k in EventKind::ALL {
+            match k {
+                EventKind::Mint
+                | EventKind::Activate
+                | EventKind::Answer
+                | EventKind::Charge
+                | EventKind::Deny
+                | EventKind::Revoke
+                | EventKind::Reload
+                | EventKind::Start
+                | EventKind::Stop
+                | EventKind::Alert
+                | EventKind::Checkpoint => {}
+            }
+        }
     }
 
     /// Lines rotated into `.1` and `.2` are read after the current file's, newest first, as

@@ -407,6 +407,27 @@ async fn audit_filters_and_follow() {
         "2000-01-01T00:00:00Z",
     ]);
     assert_eq!(text(&out.stdout).lines().count(), 1);
+    // Or how long ago, as journalctl and docker take it: an hour holds both mints, the future
+    // nothing.
+    let out = d.till(&["audit", "--json", "--event", "mint", "--since", "1h"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+    let out = d.till(&["audit", "--since", "yesterday"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("like 1h"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A kind that does not exist is refused, not answered with nothing (which would read as
+    // "none happened").
+    let out = d.till(&["audit", "--event", "activation"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the kinds are mint, activate, answer"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // --follow prints events written after it started.
     let mut follow = Command::new(bin("till"))

@@ -2,7 +2,7 @@
 
 use till_protocol::{AuditReply, AuditRequest, Response};
 
-use crate::audit::Scan;
+use crate::audit::{EventKind, Scan};
 use crate::broker::{Broker, Refusal};
 use crate::peer::Peer;
 
@@ -18,13 +18,20 @@ pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Respon
     }
     let n = req.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let since = match &req.since {
-        Some(s) => Some(humantime::parse_rfc3339_weak(s).map_err(|_| {
-            Refusal::bad_request(format!(
-                "since = {s:?}: write a time like 2026-11-27T18:00:00Z"
-            ))
-        })?),
+        Some(s) => Some(since(s)?),
         None => None,
     };
+    // A misspelt kind would match nothing, and an empty answer would read as "none happened".
+    if let Some(e) = &req.event {
+        let names: Vec<String> = EventKind::ALL.iter().map(|k| k.name()).collect();
+        if !names.contains(e) {
+            return Err(Refusal::bad_request(format!(
+                "event = {:?} is no kind of event; the kinds are {}",
+                crate::clip(e, crate::MAX_QUOTED_NAME),
+                names.join(", ")
+            )));
+        }
+    }
     // Lines are in `seq` and time order, so the first one (from the end) at or before the window
     // ends the scan.
     // The daemon writes compact JSON, so a line about token T holds `"token_id":"T"` verbatim:
@@ -83,4 +90,21 @@ pub async fn handle(b: &Broker, peer: &Peer, req: AuditRequest) -> Result<Respon
             Refusal::internal("the audit trail could not be read; see the daemon's log")
         })?;
     Ok(Response::Audit(AuditReply { lines }))
+}
+
+/// `since`: a time (RFC 3339), or how long ago, as `journalctl` and `docker logs` take it (`90m`,
+/// `2h`, `1d`).
+fn since(s: &str) -> Result<std::time::SystemTime, Refusal> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    humantime::parse_duration(s)
+        .ok()
+        .and_then(|ago| std::time::SystemTime::now().checked_sub(ago))
+        .ok_or_else(|| {
+            Refusal::bad_request(format!(
+                "since = {:?}: write a time like 2026-11-27T18:00:00Z, or how long ago, like 1h",
+                crate::clip(s, crate::MAX_QUOTED_NAME)
+            ))
+        })
 }

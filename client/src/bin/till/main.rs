@@ -141,7 +141,7 @@ enum Cmd {
         /// Only events of this kind: mint, activate, answer, charge, deny, revoke, reload, start, stop, alert, checkpoint.
         #[arg(long)]
         event: Option<String>,
-        /// Only events at or after this time (RFC 3339, e.g. 2026-11-27T18:00:00Z).
+        /// Only events at or after this time (RFC 3339, e.g. 2026-11-27T18:00:00Z), or this long ago (e.g. 1h, 30m, 2d).
         #[arg(long)]
         since: Option<String>,
         #[command(subcommand)]
