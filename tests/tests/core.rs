@@ -791,6 +791,17 @@ async fn revoke_by_service_and_all() {
         code(c.call(call_req(&a, "GET", "/a")).await),
         ErrorCode::Revoked
     );
+    // A name that is no service (a typo) is refused, not "nothing to revoke"; a service with no
+    // live token is nothing to revoke.
+    let out = d.till(&["revoke", "--service", "ecoh"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no service is named \"ecoh\"") && err.contains("basic, echo, other, q"),
+        "{err}"
+    );
+    let out = d.till(&["revoke", "--service", "q"]);
+    assert!(out.status.success());
     c.revoke(RevokeTarget::All).await.expect("revoke all");
     assert_eq!(
         code(c.call(call_req(&b, "GET", "/a")).await),

@@ -52,11 +52,28 @@ pub async fn handle(b: &Broker, peer: &Peer, req: RevokeRequest) -> Result<Respo
         RevokeTarget::Token(t) => vec![resolve_one(b, peer, t)?],
         RevokeTarget::Service(s) => {
             b.require_admin(peer, "revoking every token of a service")?;
-            b.tokens()
+            let ids: Vec<TokenId> = b
+                .tokens()
                 .values()
                 .filter(|r| r.service == *s)
                 .map(|r| TokenId(r.id))
-                .collect()
+                .collect();
+            // A misspelt name would revoke nothing and say so as if all were well. A service
+            // no longer configured (removed by a reload) still has its tokens revoked.
+            let served = b.served();
+            if ids.is_empty() && !served.services.contains_key(s) {
+                let names: Vec<&str> = served.services.keys().map(String::as_str).collect();
+                return Err(Refusal::new(
+                    ErrorCode::UnknownService,
+                    format!(
+                        "no service is named {:?}, and no token was minted for one; the services \
+                         are: {}",
+                        crate::clip(s, crate::MAX_QUOTED_NAME),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            ids
         }
         RevokeTarget::All => {
             b.require_admin(peer, "revoking every token")?;
