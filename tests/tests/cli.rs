@@ -428,6 +428,11 @@ async fn audit_filters_and_follow() {
         "{}",
         text(&out.stderr)
     );
+    // Nothing that matches is said, on stderr: stdout stays an empty list.
+    let out = d.till(&["audit", "--service", "nosuch"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(text(&out.stderr).contains("no event in the trail matches"));
 
     // --follow prints events written after it started.
     let mut follow = Command::new(bin("till"))

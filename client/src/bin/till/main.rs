@@ -478,6 +478,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     output::audit(&reply.lines);
                 }
                 if !follow {
+                    if reply.lines.is_empty() {
+                        // On stderr, so scripts reading stdout see an empty list.
+                        eprintln!("till: no event in the trail matches");
+                    }
                     break;
                 }
                 std::io::stdout().flush()?;
