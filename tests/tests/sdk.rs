@@ -85,3 +85,47 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
     let info = c.inspect(&token).await.expect("inspect");
     assert_eq!((info.used, info.remaining), (2, 1));
 }
+
+/// The example shipped in `examples/gateway/openai_sdk.py`, run as its docstring says (only the
+/// base URL and the token differ): a reply, a stream, and the refusal of the third call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_openai_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let token = d
+        .client()
+        .await
+        .mint(MintRequest {
+            service: "echo".into(),
+            allow: vec!["POST /v1/chat/completions".into()],
+            uses: Some(2),
+            ..MintRequest::default()
+        })
+        .await
+        .expect("mint")
+        .token;
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/gateway/openai_sdk.py"
+        ))
+        .env("OPENAI_API_KEY", &token)
+        .env("OPENAI_BASE_URL", format!("{g}/v1"))
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "hello from upstream");
+    assert_eq!(lines[1], "hello from upstream");
+    assert!(
+        lines[2].starts_with("refused:") && lines[2].contains("activation(s) are all spent"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(SECRET));
+}
