@@ -101,6 +101,14 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         "{}",
         text(&out.stderr)
     );
+    // One over the service's ceiling is refused in the units it was asked in.
+    let out = d.till(&["mint", "other", "--ttl", "2h"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("a lifetime of 2h is longer than service other allows (1h)"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = d.till(&[
         "call",

@@ -65,9 +65,9 @@ pub fn claims_for(
         return Err(Refusal::new(
             ErrorCode::OverCeiling,
             format!(
-                "a lifetime of {}s is longer than service {service} allows ({}s); ask for a shorter one",
-                ttl.as_secs(),
-                svc.max_ttl.as_secs()
+                "a lifetime of {} is longer than service {service} allows ({}); ask for a shorter one",
+                humantime::format_duration(ttl),
+                humantime::format_duration(svc.max_ttl)
             ),
         ));
     }
