@@ -316,9 +316,13 @@ fn request_headers(
         Inject::Header { name, .. } => Some(name.clone()),
         _ => None,
     };
+    let hop = nominated(caller.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
     for (k, v) in caller {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad_header(k))?;
-        if DROPPED_REQUEST_HEADERS.contains(&name.as_str()) || Some(&name) == inject_name.as_ref() {
+        if DROPPED_REQUEST_HEADERS.contains(&name.as_str())
+            || Some(&name) == inject_name.as_ref()
+            || hop.contains(name.as_str())
+        {
             continue;
         }
         let value = HeaderValue::from_str(v).map_err(|_| bad_header(k))?;
@@ -337,6 +341,23 @@ fn request_headers(
         map.insert(name, value);
     }
     Ok(map)
+}
+
+/// The headers a `Connection` header names: they describe this hop only, and a proxy drops them
+/// (RFC 9110, 7.6.1). Lower-case names.
+fn nominated<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> std::collections::HashSet<String> {
+    headers
+        .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The caller's header, named in the refusal, within reason.
@@ -385,9 +406,16 @@ pub async fn send(svc: &Service, out: Outgoing<'_>) -> Result<reqwest::Response,
 
 /// The answer's headers for the caller: hop-by-hop and length dropped, the key scrubbed.
 pub fn response_headers(resp: &reqwest::Response, scrubber: &Scrubber) -> Vec<(String, String)> {
+    let hop = nominated(
+        resp.headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+    );
     resp.headers()
         .iter()
-        .filter(|(k, _)| !DROPPED_RESPONSE_HEADERS.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            !DROPPED_RESPONSE_HEADERS.contains(&k.as_str()) && !hop.contains(k.as_str())
+        })
         .map(|(k, v)| {
             let clean = scrubber.scrub(v.as_bytes());
             (
@@ -512,6 +540,19 @@ fn classify(e: reqwest::Error, timeout: Duration) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_named_by_connection_are_hop_by_hop() {
+        let headers = [
+            ("Connection", b"close, X-Hop ,keep-alive".as_slice()),
+            ("x-hop", b"1".as_slice()),
+            ("connection", b"x-other".as_slice()),
+        ];
+        let hop = nominated(headers.into_iter());
+        let mut names: Vec<_> = hop.into_iter().collect();
+        names.sort();
+        assert_eq!(names, ["close", "keep-alive", "x-hop", "x-other"]);
+    }
 
     #[test]
     fn a_key_split_across_chunks_is_caught() {
