@@ -403,8 +403,12 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
             return refusal_response(&r, remaining);
         }
     };
-    let Ok(svc) = b.service(&act.claims.service) else {
-        return refusal_response(&Refusal::internal("the service went away"), None);
+    let svc = match b.service(&act.claims.service) {
+        Ok(svc) => svc,
+        Err(refusal) => {
+            act.audit_answer(b, Err(&refusal));
+            return refusal_response(&refusal, None);
+        }
     };
     let out = Outgoing {
         method: act.method,

@@ -399,6 +399,48 @@ async fn upstream_failures_are_502_and_504_with_a_clear_body() {
     );
 }
 
+/// A caller that goes away before the upstream answers still leaves an `answer` line: the trail
+/// says what became of every activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_leaves_before_the_answer_is_in_the_trail() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["GET /slow"], 1).await;
+    let gone = http()
+        .get(format!("{g}/proxy/echo/slow"))
+        .bearer_auth(&t)
+        .timeout(std::time::Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err_and(|e| e.is_timeout()));
+    up.wait_hits(1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let answer = loop {
+        let answer = d
+            .audit_text()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .find(|v| v["event"] == "answer");
+        if let Some(a) = answer {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer line:\n{}",
+            d.audit_text()
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        answer["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("caller_gone:")),
+        "{answer}"
+    );
+    assert_eq!(answer["path"], "/slow");
+}
+
 /// A service's `timeout` bounds how long its answer takes to start and each silence within it,
 /// not the whole: an answer that keeps coming for longer passes through whole (a long streamed
 /// completion), and one that goes quiet for longer is cut off.

@@ -42,8 +42,33 @@ pub struct Activation {
     pub budgeted: bool,
     /// The activation's audit event, which its answer line repeats.
     event: Event,
+    /// Whether its `answer` line was written; if not when it is dropped (the caller went away
+    /// first, and the request's future with it), one that says so is.
+    answered: std::sync::atomic::AtomicBool,
     /// Counts this call in flight until the caller is done with it (upstream answer included).
-    _in_flight: CallInFlight,
+    in_flight: CallInFlight,
+}
+
+impl Drop for Activation {
+    fn drop(&mut self) {
+        if self.answered.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut event = self.event.clone();
+        event.reason = Some(
+            "caller_gone: the caller went away before the upstream's answer came; the activation \
+             was spent"
+                .into(),
+        );
+        if let Err(e) = self
+            .in_flight
+            .broker()
+            .audit
+            .record(EventKind::Answer, event)
+        {
+            tracing::error!(error = %e, "could not audit an upstream answer");
+        }
+    }
 }
 
 /// Runs every check, takes one activation, commits it durably and audits it. Nothing has been
@@ -112,7 +137,8 @@ pub async fn activate(
         remaining,
         budgeted,
         event,
-        _in_flight: in_flight,
+        answered: std::sync::atomic::AtomicBool::new(false),
+        in_flight,
     })
 }
 
@@ -129,6 +155,12 @@ impl Activation {
     /// request has been made by then, so a line that cannot be written is logged, and the caller
     /// still gets the answer.
     pub fn audit_answer(&self, b: &Broker, outcome: Result<u16, &Refusal>) {
+        if self
+            .answered
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         let mut event = self.event.clone();
         match outcome {
             Ok(status) => event.status = Some(status),
@@ -165,7 +197,9 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         allow_one_shot: true,
     };
     let act = activate(b, peer, target).await?;
-    let svc = b.service(&act.claims.service)?;
+    let svc = b.service(&act.claims.service).inspect_err(|refusal| {
+        act.audit_answer(b, Err(refusal));
+    })?;
     let out = Outgoing {
         method: act.method,
         path: &act.path,
