@@ -453,12 +453,13 @@ async fn a_long_answer_that_keeps_coming_is_not_cut_off_and_a_stalled_one_is() {
     );
     let d = TestDaemon::start_with(&up, GATEWAY, &more);
     let g = d.gateway_url().await;
-    // 8 events 300 ms apart: 2.1 s in all, never 1 s without one.
-    let whole: String = (0..8).map(|i| format!("data: {i}\n\n")).collect();
+    // 15 events 100 ms apart: 1.4 s in all, longer than the timeout, and never near 1 s without
+    // one (room for a slow machine).
+    let whole: String = (0..15).map(|i| format!("data: {i}\n\n")).collect();
     let t = mint(&d, "paced", &["GET /drip", "GET /stream"], 4).await;
     let started = std::time::Instant::now();
     let resp = http()
-        .get(format!("{g}/proxy/paced/drip?n=8&ms=300"))
+        .get(format!("{g}/proxy/paced/drip?n=15&ms=100"))
         .bearer_auth(&t)
         .send()
         .await
@@ -466,14 +467,14 @@ async fn a_long_answer_that_keeps_coming_is_not_cut_off_and_a_stalled_one_is() {
     assert_eq!(resp.status(), 200);
     let body = resp.text().await.expect("the whole stream");
     assert_eq!(body, whole);
-    assert!(started.elapsed() > std::time::Duration::from_secs(2));
+    assert!(started.elapsed() > std::time::Duration::from_millis(1400));
     // The same through the socket, which reads the whole answer before replying.
     let mut c = d.client().await;
     let reply = c
         .call(till_protocol::CallRequest {
             token: Some(t.clone()),
             method: "GET".into(),
-            path: "/drip?n=8&ms=300".into(),
+            path: "/drip?n=15&ms=100".into(),
             ..till_protocol::CallRequest::default()
         })
         .await
