@@ -118,6 +118,8 @@ pub struct Inner {
     pub started: Instant,
     pub metrics: crate::metrics::Metrics,
     pub(crate) bursts: crate::alerts::Bursts,
+    /// Connections per uid to the native and MCP sockets together (`socket_max_connections`).
+    pub(crate) socket_connections: Arc<crate::server::OpenConnections>,
     mismatched: Mutex<std::collections::HashSet<TokenId>>,
     tokens: Mutex<HashMap<TokenId, TokenRecord>>,
     /// Calls between the start of their checks and their upstream answer's headers (see
@@ -192,6 +194,10 @@ impl Broker {
             started: Instant::now(),
             metrics: crate::metrics::Metrics::default(),
             bursts: crate::alerts::Bursts::default(),
+            socket_connections: Arc::new(crate::server::OpenConnections::new(
+                "connections to the sockets",
+                "daemon.socket_max_connections",
+            )),
             mismatched: Mutex::new(std::collections::HashSet::new()),
             tokens: Mutex::new(tokens),
             calls_in_flight: std::sync::atomic::AtomicUsize::new(0),

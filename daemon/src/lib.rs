@@ -205,14 +205,9 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         ));
     }
     let mcp_socket = broker.served().config.mcp_socket.clone();
-    // One count per uid over both sockets.
-    let open = std::sync::Arc::new(server::OpenConnections::new(
-        "connections to the sockets",
-        "daemon.socket_max_connections",
-    ));
     tracker.spawn(mcp::serve(
         mcp_listener,
-        (broker.clone(), open.clone()),
+        broker.clone(),
         shutdown.clone(),
         tracker.clone(),
     ));
@@ -221,13 +216,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
     notify("READY=1");
     // Pings only from readiness on: before it, systemd's start timeout is what applies.
     activation::watchdog(shutdown.clone());
-    server::serve(
-        listener,
-        (broker.clone(), open),
-        shutdown.clone(),
-        tracker.clone(),
-    )
-    .await;
+    server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;
 
     notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests in flight");

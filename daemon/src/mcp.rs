@@ -329,7 +329,7 @@ impl ServerHandler for TillMcp {
 /// Serves MCP on the Unix socket `mcp.sock` until `shutdown`.
 pub async fn serve(
     listener: UnixListener,
-    (broker, open): (Broker, Arc<crate::server::OpenConnections>),
+    broker: Broker,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -337,26 +337,24 @@ pub async fn serve(
     let b = broker.clone();
     crate::server::accept_unix(
         listener,
-        (broker, open),
+        broker,
         shutdown,
         tracker,
         "mcp.sock",
-        (
-            move |stream, peer| session(stream, TillMcp::new(b.clone(), peer), s.clone()),
-            // A JSON-RPC error, which the host shows; `till mcp` relays it when its hand-off is
-            // refused this way.
-            |mut stream: tokio::net::UnixStream, message: String| async move {
-                use tokio::io::AsyncWriteExt;
-                crate::server::read_briefly(&mut stream).await;
-                let line = serde_json::json!({
-                    "jsonrpc": "2.0",
-                    "id": null,
-                    "error": {"code": -32000, "message": format!("Till: {message}")},
-                });
-                let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
-                let _ = stream.shutdown().await;
-            },
-        ),
+        move |stream, peer| session(stream, TillMcp::new(b.clone(), peer), s.clone()),
+        // A JSON-RPC error, which the host shows; `till mcp` relays it when its hand-off is
+        // refused this way.
+        |mut stream: tokio::net::UnixStream, message: String| async move {
+            use tokio::io::AsyncWriteExt;
+            crate::server::read_briefly(&mut stream).await;
+            let line = serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": {"code": -32000, "message": format!("Till: {message}")},
+            });
+            let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+            let _ = stream.shutdown().await;
+        },
     )
     .await;
 }

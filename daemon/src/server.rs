@@ -188,15 +188,16 @@ impl Drop for Held {
 
 /// Accepts on a Unix socket until `shutdown` fires, reads each peer's credentials, and runs
 /// `serve_one(stream, peer)` for it on `tracker`; or, for a peer whose uid already holds
-/// `daemon.socket_max_connections` (counted over both sockets, in `open`), `refuse(stream,
-/// message)`. Shared by the native and the MCP socket.
+/// `daemon.socket_max_connections` (counted over both sockets), `refuse(stream, message)`.
+/// Shared by the native and the MCP socket.
 pub async fn accept_unix<F, Fut, R, RFut>(
     listener: UnixListener,
-    (broker, open): (Broker, Arc<OpenConnections>),
+    broker: Broker,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     name: &'static str,
-    (serve_one, refuse): (F, R),
+    serve_one: F,
+    refuse: R,
 ) where
     F: Fn(UnixStream, Peer) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -227,7 +228,7 @@ pub async fn accept_unix<F, Fut, R, RFut>(
             }
         };
         let max = broker.served().config.socket_max_connections;
-        let Some(held) = open.take(peer.uid, max) else {
+        let Some(held) = broker.socket_connections.take(peer.uid, max) else {
             let message = format!(
                 "uid {} already holds {max} connections to tilld's sockets, the most one uid \
                  may (daemon.socket_max_connections); close some, or reuse them",
@@ -259,7 +260,7 @@ pub async fn read_briefly(stream: &mut UnixStream) {
 /// Serves the native protocol until `shutdown` fires.
 pub async fn serve(
     listener: UnixListener,
-    (broker, open): (Broker, Arc<OpenConnections>),
+    broker: Broker,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -267,20 +268,18 @@ pub async fn serve(
     let b = broker.clone();
     accept_unix(
         listener,
-        (broker, open),
+        broker,
         shutdown,
         tracker,
         "till.sock",
-        (
-            move |stream, peer| connection(stream, peer, b.clone(), s.clone()),
-            |mut stream: UnixStream, message: String| async move {
-                read_briefly(&mut stream).await;
-                let mut framed = FrameStream::new(stream);
-                let _ = framed
-                    .send_json(&error(ErrorCode::TooManyConnections, message))
-                    .await;
-            },
-        ),
+        move |stream, peer| connection(stream, peer, b.clone(), s.clone()),
+        |mut stream: UnixStream, message: String| async move {
+            read_briefly(&mut stream).await;
+            let mut framed = FrameStream::new(stream);
+            let _ = framed
+                .send_json(&error(ErrorCode::TooManyConnections, message))
+                .await;
+        },
     )
     .await;
 }
