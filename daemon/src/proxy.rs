@@ -437,10 +437,14 @@ pub async fn forward(
     let headers = response_headers(&resp, &svc.scrubber);
     let timeout = svc.config.timeout;
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| match e.is_timeout() {
-        true => ProxyError::Stalled(timeout),
-        false => classify(e, timeout),
-    })? {
+    let stalled_or = |e: reqwest::Error| {
+        if e.is_timeout() {
+            ProxyError::Stalled(timeout)
+        } else {
+            classify(e, timeout)
+        }
+    };
+    while let Some(chunk) = resp.chunk().await.map_err(stalled_or)? {
         if body.len() + chunk.len() > max_body {
             return Err(ProxyError::TooLarge(max_body));
         }
