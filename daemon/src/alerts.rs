@@ -27,10 +27,11 @@ struct Window {
     suppressed: u64,
 }
 
-/// Per-peer refusal windows, and per-uid alert windows.
+/// Refusal windows and alert windows, per uid. Not per process: an agent runs `till` once per
+/// command, so each refusal of a loop would come from a new pid, and no burst would ever be seen.
 #[derive(Default)]
 pub struct Bursts {
-    windows: Mutex<HashMap<(u32, Option<i32>), Window>>,
+    windows: Mutex<HashMap<u32, Window>>,
     alerts: Mutex<HashMap<(&'static str, u32), Window>>,
 }
 
@@ -45,8 +46,8 @@ pub enum Refusals {
 }
 
 impl Bursts {
-    /// Counts a refusal from `peer`; returns what to write, and how many refusals of the peer's
-    /// previous window went unlogged (to be summed up in one line).
+    /// Counts a refusal from `peer`'s uid; returns what to write, and how many refusals of the
+    /// uid's previous window went unlogged (to be summed up in one line).
     pub fn refusal(&self, peer: &Peer, limit: u32) -> (Refusals, u64) {
         if limit == 0 {
             return (Refusals::Log, 0);
@@ -56,7 +57,7 @@ impl Bursts {
         if map.len() > 10_000 {
             map.retain(|_, w| now < w.start + WINDOW_SECS);
         }
-        let w = map.entry((peer.uid, peer.pid)).or_default();
+        let w = map.entry(peer.uid).or_default();
         let mut carried = 0;
         if now >= w.start + WINDOW_SECS {
             carried = w.suppressed;

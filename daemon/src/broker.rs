@@ -384,7 +384,7 @@ impl Broker {
             let summary = Event {
                 peer: Some(PeerJson::from(peer)),
                 reason: Some(format!(
-                    "{carried} more refusal(s) from this peer in the last window were counted, not logged one by one"
+                    "{carried} more refusal(s) from this uid in the last window were counted, not logged one by one"
                 )),
                 ..Event::default()
             };
@@ -407,7 +407,7 @@ impl Broker {
                 peer,
                 None,
                 format!(
-                    "{limit} refusals from this peer within 10 s; further ones in this window are only counted"
+                    "{limit} refusals from this uid within 10 s; further ones in this window are only counted"
                 ),
             );
         }

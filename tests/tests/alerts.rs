@@ -82,6 +82,23 @@ async fn a_refusal_flood_raises_one_alert_and_does_not_grow_the_trail() {
     assert_eq!(up.hits(), 0);
 }
 
+/// An agent runs `till` once per shell command: a loop of refused calls comes from a new process
+/// each time, and is still one uid's burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_flood_from_many_processes_of_one_uid_is_one_burst() {
+    let up = Upstream::start(None).await;
+    let (_tmp, d) = daemon_with(&up, "refusal_burst = 5");
+    for _ in 0..12 {
+        let out = d.till(&["call", "echo", "GET", "/x", "--token", "till_garbage"]);
+        assert_eq!(out.status.code(), Some(1));
+    }
+    let trail = d.audit_text();
+    assert_eq!(lines_with(&trail, "\"event\":\"alert\""), 1, "{trail}");
+    assert!(trail.contains("refusal_burst"));
+    let denies = lines_with(&trail, "\"event\":\"deny\"");
+    assert!(denies <= 6, "{denies} deny lines for 12 refusals");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_raises_an_alert_and_revokes_the_presenters_tokens() {
     let up = Upstream::start(None).await;
