@@ -138,10 +138,6 @@ pub static REQUESTS: till_protocol::io::BusyPoll = till_protocol::io::BusyPoll::
 pub struct CallInFlight(Broker);
 
 impl CallInFlight {
-    pub fn broker(&self) -> &Broker {
-        &self.0
-    }
-
     /// Whether this is the only call in flight.
     pub fn alone(&self) -> bool {
         self.0

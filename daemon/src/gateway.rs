@@ -406,7 +406,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     let svc = match b.service(&act.claims.service) {
         Ok(svc) => svc,
         Err(refusal) => {
-            act.audit_answer(b, Err(&refusal));
+            act.audit_answer(Err(&refusal));
             return refusal_response(&refusal, None);
         }
     };
@@ -423,7 +423,7 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         Ok(u) => u,
         Err(e) => {
             let refusal = upstream_refusal(&act.claims.service, &e);
-            act.audit_answer(b, Err(&refusal));
+            act.audit_answer(Err(&refusal));
             return refusal_response(&refusal, Some(act.remaining));
         }
     };
@@ -431,10 +431,10 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     // sent; one of unknown length is cut off where it passes the limit (`stream_body`).
     if upstream.content_length().is_some_and(|n| n > max as u64) {
         let refusal = upstream_refusal(&act.claims.service, &proxy::ProxyError::TooLarge(max));
-        act.audit_answer(b, Err(&refusal));
+        act.audit_answer(Err(&refusal));
         return refusal_response(&refusal, Some(act.remaining));
     }
-    act.audit_answer(b, Ok(upstream.status().as_u16()));
+    act.audit_answer(Ok(upstream.status().as_u16()));
     let mut resp = Response::builder().status(upstream.status().as_u16());
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
         if let (Ok(k), Ok(v)) = (

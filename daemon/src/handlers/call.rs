@@ -40,34 +40,45 @@ pub struct Activation {
     pub remaining: u32,
     /// The token (or one above it) has a budget: the answer's LLM usage is charged to it.
     pub budgeted: bool,
-    /// The activation's audit event, which its answer line repeats.
-    event: Event,
-    /// Whether its `answer` line was written; if not when it is dropped (the caller went away
-    /// first, and the request's future with it), one that says so is.
-    answered: std::sync::atomic::AtomicBool,
+    /// Its `answer` line, owed since its `activate` line was written.
+    answer: OwedAnswer,
     /// Counts this call in flight until the caller is done with it (upstream answer included).
-    in_flight: CallInFlight,
+    _in_flight: CallInFlight,
 }
 
-impl Drop for Activation {
-    fn drop(&mut self) {
-        if self.answered.load(std::sync::atomic::Ordering::Relaxed) {
+/// The `answer` line an `activate` line is owed. If none was written when this is dropped (the
+/// caller went away, and its request's future with it, while the commit or the upstream was
+/// awaited), one that says so is.
+struct OwedAnswer {
+    broker: Broker,
+    /// The activation's audit event, which its answer line repeats.
+    event: Event,
+    paid: std::sync::atomic::AtomicBool,
+}
+
+impl OwedAnswer {
+    /// Writes the line with `event`'s status or reason set, unless one was written already.
+    fn pay(&self, fill: impl FnOnce(&mut Event)) {
+        if self.paid.swap(true, std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let mut event = self.event.clone();
-        event.reason = Some(
-            "caller_gone: the caller went away before the upstream's answer came; the activation \
-             was spent"
-                .into(),
-        );
-        if let Err(e) = self
-            .in_flight
-            .broker()
-            .audit
-            .record(EventKind::Answer, event)
-        {
+        fill(&mut event);
+        if let Err(e) = self.broker.audit.record(EventKind::Answer, event) {
             tracing::error!(error = %e, "could not audit an upstream answer");
         }
+    }
+}
+
+impl Drop for OwedAnswer {
+    fn drop(&mut self) {
+        self.pay(|e| {
+            e.reason = Some(
+                "caller_gone: the caller went away before the upstream's answer came; the \
+                 activation was spent"
+                    .into(),
+            );
+        });
     }
 }
 
@@ -116,13 +127,23 @@ pub async fn activate(
     // thread (this one would only wait); both are done before a byte goes upstream. If the commit
     // fails, a `deny` line follows, saying the activation was given back and nothing was sent.
     let audited = b.audit(EventKind::Activate, event.clone());
+    let answer = OwedAnswer {
+        broker: b.clone(),
+        event: event.clone(),
+        // Nothing is owed for an `activate` line that was not written.
+        paid: std::sync::atomic::AtomicBool::new(audited.is_err()),
+    };
     if let Err(e) = durable.wait_or_lead(in_flight.alone()).await {
         b.unreserve(claims.id);
         let refusal = Refusal::internal(format!(
             "{e}; the activation was given back and nothing was sent upstream"
         ));
         if audited.is_ok() {
-            // Not through `deny`: this line must not be folded into a burst summary.
+            // A `deny` in place of the answer; not through `deny`: this line must not be folded
+            // into a burst summary.
+            answer
+                .paid
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             event.reason = Some(refusal.audit_reason());
             let _ = b.audit(EventKind::Deny, event);
         }
@@ -136,9 +157,8 @@ pub async fn activate(
         path,
         remaining,
         budgeted,
-        event,
-        answered: std::sync::atomic::AtomicBool::new(false),
-        in_flight,
+        answer,
+        _in_flight: in_flight,
     })
 }
 
@@ -154,21 +174,11 @@ impl Activation {
     /// The second line of every activation: the upstream's status, or why there was none. The
     /// request has been made by then, so a line that cannot be written is logged, and the caller
     /// still gets the answer.
-    pub fn audit_answer(&self, b: &Broker, outcome: Result<u16, &Refusal>) {
-        if self
-            .answered
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            return;
-        }
-        let mut event = self.event.clone();
-        match outcome {
+    pub fn audit_answer(&self, outcome: Result<u16, &Refusal>) {
+        self.answer.pay(|event| match outcome {
             Ok(status) => event.status = Some(status),
             Err(r) => event.reason = Some(r.audit_reason()),
-        }
-        if let Err(e) = b.audit.record(EventKind::Answer, event) {
-            tracing::error!(error = %e, "could not audit an upstream answer");
-        }
+        });
     }
 }
 
@@ -198,7 +208,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     };
     let act = activate(b, peer, target).await?;
     let svc = b.service(&act.claims.service).inspect_err(|refusal| {
-        act.audit_answer(b, Err(refusal));
+        act.audit_answer(Err(refusal));
     })?;
     let out = Outgoing {
         method: act.method,
@@ -211,7 +221,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
     b.metrics.upstream(&act.claims.service, started.elapsed());
     match result {
         Ok(reply) => {
-            act.audit_answer(b, Ok(reply.status));
+            act.audit_answer(Ok(reply.status));
             if act.budgeted {
                 let content_type = reply
                     .headers
@@ -231,7 +241,7 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
         }
         Err(e) => {
             let refusal = upstream_refusal(&act.claims.service, &e);
-            act.audit_answer(b, Err(&refusal));
+            act.audit_answer(Err(&refusal));
             Err(refusal)
         }
     }
