@@ -233,6 +233,9 @@ async fn echo(
     if path_and_query.starts_with("/v1/chat/completions") {
         return chat_completion(&auth, &echo["body"]);
     }
+    if path_and_query.starts_with("/v1/messages") {
+        return anthropic_message(echo["headers"]["x-api-key"].as_str().unwrap_or_default());
+    }
     if let Some(query) = path_and_query.strip_prefix("/drip?") {
         // `n` events, one every `ms` milliseconds: an answer that takes long but never goes quiet
         // for long, as an LLM's streamed completion does.
@@ -297,6 +300,30 @@ async fn echo(
         resp = resp.status(302).header("location", format!("{to}/stolen"));
     }
     resp.body(Full::new(Bytes::from(echo.to_string())).boxed())
+        .expect("response")
+}
+
+/// An Anthropic Messages API answer that accepts only the `other` service's real key.
+fn anthropic_message(key: &str) -> Response<UpBody> {
+    let (status, body) = if key == OTHER_SECRET {
+        (
+            200,
+            serde_json::json!({"id": "msg_1", "type": "message", "role": "assistant",
+                "model": "test-model", "content": [{"type": "text", "text": "hello from upstream"}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 1, "output_tokens": 3}}),
+        )
+    } else {
+        (
+            401,
+            serde_json::json!({"type": "error", "error": {"type": "authentication_error",
+                "message": "invalid x-api-key"}}),
+        )
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
         .expect("response")
 }
 

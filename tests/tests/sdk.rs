@@ -1,10 +1,11 @@
-//! Real SDKs through the gateway: the OpenAI Python SDK (installed by `scripts/test` into
-//! `target/py`; `$TILL_TEST_PYTHON` points at its interpreter).
+//! Real SDKs through the gateway: the OpenAI and Anthropic Python SDKs (installed by `scripts/test`
+//! into `target/py`; `$TILL_TEST_PYTHON` points at its interpreter), and the examples shipped in
+//! `examples/gateway/` that use them.
 
 use std::process::Command;
 
 use till_protocol::{CallRequest, MintRequest};
-use till_tests::{SECRET, TestDaemon, Upstream};
+use till_tests::{OTHER_SECRET, SECRET, TestDaemon, Upstream};
 
 fn python() -> String {
     std::env::var("TILL_TEST_PYTHON").unwrap_or_else(|_| {
@@ -86,40 +87,59 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
     assert_eq!((info.used, info.remaining), (2, 1));
 }
 
-/// The example shipped in `examples/gateway/openai_sdk.py`, run as its docstring says (only the
-/// base URL and the token differ): a reply, a stream, and the refusal of the third call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shipped_openai_example_runs_as_documented() {
-    let up = Upstream::start(None).await;
-    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+/// Mints a token of `uses` for `service` and `allow`, runs `examples/gateway/{script}` with the
+/// token in `key_var` and the gateway's `base` in `base_var`, as the example's docstring says, and
+/// returns what it printed (it must succeed).
+async fn run_example(
+    d: &TestDaemon,
+    (service, allow, uses): (&str, &str, u32),
+    script: &str,
+    (key_var, base_var, base): (&str, &str, &str),
+) -> String {
     let g = d.gateway_url().await;
     let token = d
         .client()
         .await
         .mint(MintRequest {
-            service: "echo".into(),
-            allow: vec!["POST /v1/chat/completions".into()],
-            uses: Some(2),
+            service: service.into(),
+            allow: vec![allow.into()],
+            uses: Some(uses),
             ..MintRequest::default()
         })
         .await
         .expect("mint")
         .token;
     let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/gateway/openai_sdk.py"
+        .arg(format!(
+            "{}/../examples/gateway/{script}",
+            env!("CARGO_MANIFEST_DIR")
         ))
-        .env("OPENAI_API_KEY", &token)
-        .env("OPENAI_BASE_URL", format!("{g}/v1"))
+        .env(key_var, &token)
+        .env(base_var, format!("{g}{base}"))
         .output()
         .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// The example shipped in `examples/gateway/openai_sdk.py`, run as its docstring says (only the
+/// base URL and the token differ): a reply, a stream, and the refusal of the third call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_openai_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let stdout = run_example(
+        &d,
+        ("echo", "POST /v1/chat/completions", 2),
+        "openai_sdk.py",
+        ("OPENAI_API_KEY", "OPENAI_BASE_URL", "/v1"),
+    )
+    .await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "hello from upstream");
     assert_eq!(lines[1], "hello from upstream");
@@ -128,4 +148,35 @@ async fn the_shipped_openai_example_runs_as_documented() {
         "{stdout}"
     );
     assert!(!stdout.contains(SECRET));
+}
+
+/// The example shipped in `examples/gateway/anthropic_sdk.py`, run as its docstring says, against
+/// the anthropic preset pointed at the test upstream: the SDK puts the token in `x-api-key`, and
+/// the upstream gets the real key there, with the `anthropic-version` header the preset adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_anthropic_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        "\n[services.anthropic]\npreset = \"anthropic\"\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/other.key\" }}\n",
+        up.url()
+    );
+    let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
+    let stdout = run_example(
+        &d,
+        ("anthropic", "POST /v1/messages", 1),
+        "anthropic_sdk.py",
+        (
+            "ANTHROPIC_API_KEY",
+            "ANTHROPIC_BASE_URL",
+            "/proxy/anthropic",
+        ),
+    )
+    .await;
+    assert_eq!(stdout.trim(), "hello from upstream");
+    let seen = up.seen();
+    let sent = seen.last().expect("the upstream was called");
+    assert_eq!(sent.path_and_query, "/v1/messages");
+    assert_eq!(sent.headers["x-api-key"], OTHER_SECRET);
+    assert!(sent.headers.contains_key("anthropic-version"));
+    assert!(!stdout.contains(OTHER_SECRET));
 }
