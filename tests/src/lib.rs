@@ -631,6 +631,16 @@ impl TestDaemon {
             .expect("mint")
     }
 
+    /// Every token the daemon knows (spent, expired and revoked ones too).
+    pub async fn all_tokens(&self) -> Vec<till_protocol::TokenInfo> {
+        self.client()
+            .await
+            .tokens(true)
+            .await
+            .expect("tokens")
+            .tokens
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.socket)
             .await

@@ -158,14 +158,7 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
     );
     // A misnamed argument is refused, not ignored: `rules` for `allow` would otherwise mint the
     // service's whole ceiling.
-    let live = d
-        .client()
-        .await
-        .tokens(true)
-        .await
-        .expect("tokens")
-        .tokens
-        .len();
+    let live = d.all_tokens().await.len();
     let msg = refusal(
         &call(
             s,
@@ -178,14 +171,7 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
         msg.contains("unknown field `rules`") && msg.contains("allow"),
         "{msg}"
     );
-    let now = d
-        .client()
-        .await
-        .tokens(true)
-        .await
-        .expect("tokens")
-        .tokens
-        .len();
+    let now = d.all_tokens().await.len();
     assert_eq!(now, live, "nothing was minted");
     let msg = refusal(&call(s, "request_token", json!({"service": "nope"})).await);
     assert!(
@@ -318,16 +304,7 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
     assert!(msg.contains("outside the parent token's rules"), "{msg}");
 
     // A one-shot call: exactly one activation of a fresh token scoped to exactly this request.
-    let before: Vec<String> = d
-        .client()
-        .await
-        .tokens(true)
-        .await
-        .expect("tokens")
-        .tokens
-        .into_iter()
-        .map(|t| t.id)
-        .collect();
+    let before: Vec<String> = d.all_tokens().await.into_iter().map(|t| t.id).collect();
     let r = structured(
         &call(
             s,
@@ -337,7 +314,7 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
         .await,
     );
     assert_eq!(r["activations_remaining"], 0);
-    let after = d.client().await.tokens(true).await.expect("tokens").tokens;
+    let after = d.all_tokens().await;
     let fresh: Vec<_> = after.iter().filter(|t| !before.contains(&t.id)).collect();
     assert_eq!(fresh.len(), 1);
     assert_eq!(

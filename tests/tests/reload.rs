@@ -360,16 +360,7 @@ async fn dead_tokens_are_swept_after_their_retention() {
     // Gone from the store too: a restart does not bring it back.
     d.terminate();
     let d2 = TestDaemon::start_in(&d.dir);
-    let all: Vec<String> = d2
-        .client()
-        .await
-        .tokens(true)
-        .await
-        .expect("tokens")
-        .tokens
-        .into_iter()
-        .map(|t| t.id)
-        .collect();
+    let all: Vec<String> = d2.all_tokens().await.into_iter().map(|t| t.id).collect();
     assert!(all.contains(&live) && !all.contains(&spent), "{all:?}");
     drop(tmp);
 }

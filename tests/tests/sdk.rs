@@ -97,18 +97,7 @@ async fn run_example(
     (key_var, base_var, base): (&str, &str, &str),
 ) -> String {
     let g = d.gateway_url().await;
-    let token = d
-        .client()
-        .await
-        .mint(MintRequest {
-            service: service.into(),
-            allow: vec![allow.into()],
-            uses: Some(uses),
-            ..MintRequest::default()
-        })
-        .await
-        .expect("mint")
-        .token;
+    let token = d.mint(service, allow, uses).await.token;
     let out = Command::new(python())
         .arg(format!(
             "{}/../examples/gateway/{script}",
