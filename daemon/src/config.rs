@@ -158,6 +158,10 @@ struct ServiceSection {
     /// Its answers report LLM usage (`usage`, `usageMetadata`), so tokens may carry a budget.
     /// Presets say it for themselves; for an OpenAI-compatible server of your own, say it here.
     llm_usage: Option<bool>,
+    /// The gateway rewrites the service's own URLs in its JSON answers (GitHub's `url` fields) to
+    /// the gateway, so clients that follow them come back through Till. The github preset says
+    /// so; `Location` and `Link` headers are rewritten for every service.
+    rewrite_urls: Option<bool>,
 }
 
 /// `{ header = "Authorization", value = "Bearer {secret}" }`, `{ query = "key" }` or
@@ -216,6 +220,8 @@ pub struct ServiceConfig {
     pub ca_file: Option<PathBuf>,
     /// Tokens for it may carry a budget of LLM tokens (its answers report their usage).
     pub llm_usage: bool,
+    /// The gateway points the service's own URLs in its JSON answers back at itself.
+    pub rewrite_urls: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +311,7 @@ impl Config {
                         max_age: None,
                         ca_file: None,
                         llm_usage: None,
+                        rewrite_urls: None,
                     },
                 );
             }
@@ -616,6 +623,9 @@ fn build_service(name: &str, s: ServiceSection) -> Result<ServiceConfig> {
         default_headers,
         ca_file: s.ca_file,
         llm_usage: s.llm_usage.unwrap_or(preset.is_some_and(|p| p.llm_usage)),
+        rewrite_urls: s
+            .rewrite_urls
+            .unwrap_or(preset.is_some_and(|p| p.rewrite_urls)),
     })
 }
 

@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use crate::broker::{Broker, Refusal, Service};
 use crate::handlers::call::{CallTarget, activate, upstream_refusal};
+use crate::links::{self, BodyRebase, Rebase};
 use crate::peer::Peer;
 use crate::proxy::{self, Outgoing, StreamScrubber};
 use crate::usage::UsageMeter;
@@ -341,6 +342,12 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         return resp;
     };
     let (token, query) = extract_token(req.headers(), req.uri().query());
+    // Where the caller reached the gateway, for the upstream's own URLs in the answer (`links`).
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let token = token.map(str::to_owned);
     let target = match &query {
         Some(q) => format!("{upstream_path}?{q}"),
@@ -436,7 +443,13 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     }
     act.audit_answer(Ok(upstream.status().as_u16()));
     let mut resp = Response::builder().status(upstream.status().as_u16());
+    let rebase = Rebase::new(&svc.config.base_url, &act.claims.service, host.as_deref());
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
+        let v = match k.as_str() {
+            "location" | "content-location" => rebase.url(&v).unwrap_or(v),
+            "link" => rebase.link(&v).unwrap_or(v),
+            _ => v,
+        };
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
@@ -446,19 +459,20 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     }
     resp = resp.header(REMAINING_HEADER, act.remaining);
     let remaining = act.remaining;
-    let metering = act.budgeted.then(|| {
-        let content_type = upstream
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        Metering {
-            meter: Some(UsageMeter::new(content_type)),
-            status: upstream.status().as_u16(),
-            broker: b.clone(),
-            act,
-        }
+    let content_type = upstream
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let body_rebase = (svc.config.rewrite_urls && links::is_json(content_type))
+        .then(|| rebase.body())
+        .flatten();
+    let metering = act.budgeted.then(|| Metering {
+        meter: Some(UsageMeter::new(content_type)),
+        status: upstream.status().as_u16(),
+        broker: b.clone(),
+        act,
     });
-    let body = stream_body(svc.clone(), upstream, max, metering);
+    let body = stream_body(svc.clone(), upstream, max, metering, body_rebase);
     resp.body(body).unwrap_or_else(|_| {
         refusal_response(
             &Refusal::internal("could not build the response"),
@@ -484,13 +498,15 @@ impl Drop for Metering {
     }
 }
 
-/// The upstream body, passed on chunk by chunk through the scrubber, within the size limit. The
-/// stream holds its service snapshot, so a reload mid-stream changes nothing for it.
+/// The upstream body, passed on chunk by chunk through the scrubber (then `rebase`, when the
+/// service's own URLs in it are pointed at the gateway), within the size limit. The stream holds
+/// its service snapshot, so a reload mid-stream changes nothing for it.
 fn stream_body(
     svc: Arc<Service>,
     upstream: reqwest::Response,
     max: usize,
     metering: Option<Metering>,
+    rebase: Option<BodyRebase>,
 ) -> Body {
     struct State {
         svc: Arc<Service>,
@@ -500,6 +516,7 @@ fn stream_body(
         max: usize,
         done: bool,
         metering: Option<Metering>,
+        rebase: Option<BodyRebase>,
     }
     impl State {
         /// Reads the scrubbed bytes the caller gets for their usage, so no copy of the key sits
@@ -518,6 +535,7 @@ fn stream_body(
         max,
         done: false,
         metering,
+        rebase,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         if st.done {
@@ -537,8 +555,11 @@ fn stream_body(
                             st,
                         ));
                     }
-                    let out = scrub.push(&chunk);
+                    let mut out = scrub.push(&chunk);
                     st.held = scrub.into_held();
+                    if let Some(r) = st.rebase.as_mut() {
+                        out = r.push(&out);
+                    }
                     st.meter(&out);
                     if out.is_empty() {
                         continue;
@@ -554,7 +575,11 @@ fn stream_body(
                 }
                 None => {
                     st.done = true;
-                    let rest = scrub.finish();
+                    let mut rest = scrub.finish();
+                    if let Some(mut r) = st.rebase.take() {
+                        rest = r.push(&rest);
+                        rest.extend(r.finish());
+                    }
                     st.meter(&rest);
                     if rest.is_empty() {
                         return None;

@@ -21,6 +21,7 @@ pub mod dev;
 pub mod gateway;
 pub mod handlers;
 pub mod journal;
+pub mod links;
 pub mod mcp;
 pub mod metrics;
 pub mod peer;

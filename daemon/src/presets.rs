@@ -15,6 +15,9 @@ pub struct Preset {
     pub default_headers: &'static [(&'static str, &'static str)],
     /// Its answers report the LLM tokens they used, so a token for it may carry a budget.
     pub llm_usage: bool,
+    /// Its JSON answers name its own URLs, which its clients follow (GitHub's hypermedia): the
+    /// gateway rewrites them to itself.
+    pub rewrite_urls: bool,
 }
 
 const OPENAI_STYLE: &[&str] = &[
@@ -34,6 +37,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "anthropic",
@@ -47,6 +51,7 @@ pub const PRESETS: &[Preset] = &[
         ],
         default_headers: &[("anthropic-version", "2023-06-01")],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "gemini",
@@ -60,6 +65,7 @@ pub const PRESETS: &[Preset] = &[
         ],
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "openrouter",
@@ -69,6 +75,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "mistral",
@@ -78,6 +85,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "groq",
@@ -87,6 +95,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "together",
@@ -96,6 +105,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "fireworks",
@@ -105,6 +115,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "perplexity",
@@ -114,6 +125,7 @@ pub const PRESETS: &[Preset] = &[
         allow: &["POST /chat/completions", "POST /v1/chat/completions"],
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "deepseek",
@@ -128,6 +140,7 @@ pub const PRESETS: &[Preset] = &[
         ],
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "xai",
@@ -137,6 +150,7 @@ pub const PRESETS: &[Preset] = &[
         allow: OPENAI_STYLE,
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "cohere",
@@ -151,6 +165,7 @@ pub const PRESETS: &[Preset] = &[
         ],
         default_headers: &[],
         llm_usage: true,
+        rewrite_urls: false,
     },
     Preset {
         name: "github",
@@ -163,6 +178,7 @@ pub const PRESETS: &[Preset] = &[
             ("x-github-api-version", "2022-11-28"),
         ],
         llm_usage: false,
+        rewrite_urls: true,
     },
 ];
 

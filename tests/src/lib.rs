@@ -64,7 +64,9 @@ pub fn tls_ca() -> PathBuf {
 /// - `/stream`: server-sent events; the first event echoes the Authorization header split across
 ///   two chunks, the second comes only after [`Upstream::release`];
 /// - `/slow`: never answers;
-/// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`.
+/// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`;
+/// - `/v1/messages`: an Anthropic Messages endpoint that accepts only `x-api-key: OTHER_SECRET`;
+/// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (see [`github`]).
 pub struct Upstream {
     pub addr: SocketAddr,
     scheme: &'static str,
@@ -233,6 +235,11 @@ async fn echo(
     if path_and_query.starts_with("/v1/chat/completions") {
         return chat_completion(&auth, &echo["body"]);
     }
+    if path_and_query.starts_with("/repos/acme/") || path_and_query.starts_with("/repositories/1/")
+    {
+        let host = echo["headers"]["host"].as_str().unwrap_or_default();
+        return github(&path_and_query, &format!("http://{host}"));
+    }
     if path_and_query.starts_with("/v1/messages") {
         return anthropic_message(echo["headers"]["x-api-key"].as_str().unwrap_or_default());
     }
@@ -301,6 +308,59 @@ async fn echo(
     }
     resp.body(Full::new(Bytes::from(echo.to_string())).boxed())
         .expect("response")
+}
+
+/// A small GitHub: the answers name their own origin in absolute URLs, as api.github.com does
+/// (`url` fields, `Link` pagination by repository id, a 301 for a renamed repository), which
+/// clients such as PyGithub follow. `acme/till` has five open issues, three on the first page.
+fn github(path_and_query: &str, origin: &str) -> Response<UpBody> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let issue = |n: u32| {
+        serde_json::json!({
+            "number": n,
+            "title": format!("issue {n}"),
+            "state": "open",
+            "url": format!("{origin}/repos/acme/till/issues/{n}"),
+        })
+    };
+    let json = |body: serde_json::Value| {
+        Response::builder()
+            .header("content-type", "application/json; charset=utf-8")
+            .body(Full::new(Bytes::from(body.to_string())).boxed())
+            .expect("response")
+    };
+    match path {
+        "/repos/acme/till" => json(serde_json::json!({
+            "id": 1,
+            "name": "till",
+            "full_name": "acme/till",
+            "url": format!("{origin}/repos/acme/till"),
+            "issues_url": format!("{origin}/repos/acme/till/issues{{/number}}"),
+        })),
+        "/repos/acme/old-till" => Response::builder()
+            .status(301)
+            .header("location", format!("{origin}/repos/acme/till"))
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("response"),
+        "/repos/acme/till/issues" => {
+            let next = format!("{origin}/repositories/1/issues?state=open&page=2");
+            let mut resp = json(serde_json::json!([issue(1), issue(2), issue(3)]));
+            let link = format!(r#"<{next}>; rel="next", <{next}>; rel="last""#);
+            resp.headers_mut()
+                .insert("link", link.parse().expect("link header"));
+            resp
+        }
+        "/repositories/1/issues" if query.contains("page=2") => {
+            json(serde_json::json!([issue(4), issue(5)]))
+        }
+        _ => Response::builder()
+            .status(404)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(Full::new(Bytes::from_static(br#"{"message":"Not Found"}"#)).boxed())
+            .expect("response"),
+    }
 }
 
 /// An Anthropic Messages API answer that accepts only the `other` service's real key.
@@ -619,11 +679,21 @@ impl TestDaemon {
 
     /// Mints a token for `service` with one rule and `uses` activations.
     pub async fn mint(&self, service: &str, rule: &str, uses: u32) -> till_protocol::MintReply {
+        self.mint_rules(service, &[rule], uses).await
+    }
+
+    /// Mints a token for `service` with these rules and `uses` activations.
+    pub async fn mint_rules(
+        &self,
+        service: &str,
+        rules: &[&str],
+        uses: u32,
+    ) -> till_protocol::MintReply {
         self.client()
             .await
             .mint(till_protocol::MintRequest {
                 service: service.into(),
-                allow: vec![rule.into()],
+                allow: rules.iter().map(|r| (*r).to_owned()).collect(),
                 uses: Some(uses),
                 ..till_protocol::MintRequest::default()
             })

@@ -341,6 +341,104 @@ async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
     assert!(!headers.contains_key("x-hop"), "{headers:?}");
 }
 
+/// The upstream's own URLs in its answers (a redirect's `Location`, the next page in `Link`, and
+/// for the github preset the `url` fields of its JSON) name the gateway instead, so a client that
+/// follows them comes back through Till with its token, and not to the upstream without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_own_urls_come_back_through_the_gateway() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        r#"
+[services.github]
+preset = "github"
+base_url = "{u}"
+secret = {{ file = "{{dir}}/other.key" }}
+
+[services.plain]
+preset = "github"
+base_url = "{u}"
+secret = {{ file = "{{dir}}/other.key" }}
+rewrite_urls = false
+"#,
+        u = up.url()
+    );
+    let d = TestDaemon::start_with(&up, GATEWAY, &more);
+    let g = d.gateway_url().await;
+    let rules = ["GET /repos/acme/**", "GET /repositories/*/issues"];
+    let t = mint(&d, "github", &rules, 10).await;
+    let get = |url: String| {
+        http()
+            .get(url)
+            .header("authorization", format!("token {t}"))
+            .send()
+    };
+
+    let moved = get(format!("{g}/proxy/github/repos/acme/old-till"))
+        .await
+        .expect("send");
+    assert_eq!(moved.status(), 301);
+    let location = moved.headers()["location"].to_str().expect("text");
+    assert_eq!(location, format!("{g}/proxy/github/repos/acme/till"));
+    let repo: serde_json::Value = get(location.to_owned())
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(repo["full_name"], "acme/till");
+    assert_eq!(repo["url"], format!("{g}/proxy/github/repos/acme/till"));
+    assert_eq!(
+        repo["issues_url"],
+        format!("{g}/proxy/github/repos/acme/till/issues{{/number}}")
+    );
+
+    let page1 = get(format!(
+        "{}/issues?state=open",
+        repo["url"].as_str().expect("url")
+    ))
+    .await
+    .expect("send");
+    let next = format!("{g}/proxy/github/repositories/1/issues?state=open&page=2");
+    assert_eq!(
+        page1.headers()["link"].to_str().expect("text"),
+        format!(r#"<{next}>; rel="next", <{next}>; rel="last""#)
+    );
+    let issues: Vec<serde_json::Value> = page1.json().await.expect("JSON");
+    assert_eq!(
+        issues[0]["url"],
+        format!("{g}/proxy/github/repos/acme/till/issues/1")
+    );
+    let page2: Vec<serde_json::Value> = get(next).await.expect("send").json().await.expect("JSON");
+    assert_eq!(page2.len(), 2);
+    assert_eq!(d.client().await.inspect(&t).await.expect("inspect").used, 4);
+    assert!(
+        up.seen()
+            .iter()
+            .all(|s| s.headers["authorization"] == format!("Bearer {OTHER_SECRET}"))
+    );
+
+    // With `rewrite_urls = false` the body is the upstream's, byte for byte; headers are still
+    // rewritten (they are protocol, not content).
+    let t = mint(&d, "plain", &rules, 1).await;
+    let page1 = http()
+        .get(format!("{g}/proxy/plain/repos/acme/till/issues"))
+        .header("authorization", format!("token {t}"))
+        .send()
+        .await
+        .expect("send");
+    assert!(
+        page1.headers()["link"]
+            .to_str()
+            .expect("text")
+            .starts_with(&format!("<{g}/proxy/plain/repositories/1/issues?"))
+    );
+    let issues: Vec<serde_json::Value> = page1.json().await.expect("JSON");
+    assert_eq!(
+        issues[0]["url"],
+        format!("{}/repos/acme/till/issues/1", up.url())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_are_502_and_504_with_a_clear_body() {
     let up = Upstream::start(None).await;

@@ -92,12 +92,12 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
 /// returns what it printed (it must succeed).
 async fn run_example(
     d: &TestDaemon,
-    (service, allow, uses): (&str, &str, u32),
+    (service, allow, uses): (&str, &[&str], u32),
     script: &str,
     (key_var, base_var, base): (&str, &str, &str),
 ) -> String {
     let g = d.gateway_url().await;
-    let token = d.mint(service, allow, uses).await.token;
+    let token = d.mint_rules(service, allow, uses).await.token;
     let out = Command::new(python())
         .arg(format!(
             "{}/../examples/gateway/{script}",
@@ -124,7 +124,7 @@ async fn the_shipped_openai_example_runs_as_documented() {
     let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
     let stdout = run_example(
         &d,
-        ("echo", "POST /v1/chat/completions", 2),
+        ("echo", &["POST /v1/chat/completions"], 2),
         "openai_sdk.py",
         ("OPENAI_API_KEY", "OPENAI_BASE_URL", "/v1"),
     )
@@ -152,7 +152,7 @@ async fn the_shipped_anthropic_example_runs_as_documented() {
     let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
     let stdout = run_example(
         &d,
-        ("anthropic", "POST /v1/messages", 1),
+        ("anthropic", &["POST /v1/messages"], 1),
         "anthropic_sdk.py",
         (
             "ANTHROPIC_API_KEY",
@@ -167,5 +167,59 @@ async fn the_shipped_anthropic_example_runs_as_documented() {
     assert_eq!(sent.path_and_query, "/v1/messages");
     assert_eq!(sent.headers["x-api-key"], OTHER_SECRET);
     assert!(sent.headers.contains_key("anthropic-version"));
+    assert!(!stdout.contains(OTHER_SECRET));
+}
+
+/// The example shipped in `examples/gateway/pygithub_example.py`, run as its docstring says, against the
+/// github preset pointed at a small GitHub whose answers name its own origin, as api.github.com's
+/// do. PyGithub follows the repository's `url` field and the `Link` header's next page; both come
+/// back through the gateway (rewritten to it), with the real key injected each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_github_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        "\n[services.github]\npreset = \"github\"\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/other.key\" }}\n",
+        up.url()
+    );
+    let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
+    let stdout = run_example(
+        &d,
+        (
+            "github",
+            &["GET /repos/acme/**", "GET /repositories/*/issues"],
+            10,
+        ),
+        "pygithub_example.py",
+        ("GH_TILL_TOKEN", "GITHUB_BASE_URL", "/proxy/github"),
+    )
+    .await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "1 issue 1",
+            "2 issue 2",
+            "3 issue 3",
+            "4 issue 4",
+            "5 issue 5"
+        ]
+    );
+    let seen = up.seen();
+    let paths: Vec<&str> = seen
+        .iter()
+        .map(|s| s.path_and_query.split('?').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/repos/acme/till",
+            "/repos/acme/till/issues",
+            "/repositories/1/issues"
+        ]
+    );
+    assert!(
+        seen.iter()
+            .all(|s| s.headers["authorization"] == format!("Bearer {OTHER_SECRET}"))
+    );
     assert!(!stdout.contains(OTHER_SECRET));
 }
