@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# curl through Till's gateway. Needs tilld with `gateway = "127.0.0.1:8719"` and an openai service.
+# curl through Till's gateway. Needs tilld with `gateway = "127.0.0.1:8719"` (or set TILL_GATEWAY to
+# its URL) and an openai service.
 set -euo pipefail
-G=http://127.0.0.1:8719
+G=${TILL_GATEWAY:-http://127.0.0.1:8719}
 
 TOKEN=$(till mint openai --allow 'GET /v1/models' --uses 3)
 

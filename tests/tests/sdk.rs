@@ -87,6 +87,16 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
     assert_eq!((info.used, info.remaining), (2, 1));
 }
 
+/// A daemon with the gateway on and the preset `name` as a service of that name, pointed at `up`,
+/// its key read from `key_file` in the daemon's dir.
+fn with_preset(up: &Upstream, name: &str, key_file: &str) -> TestDaemon {
+    let more = format!(
+        "\n[services.{name}]\npreset = \"{name}\"\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/{key_file}\" }}\n",
+        up.url()
+    );
+    TestDaemon::start_with(up, "gateway = \"127.0.0.1:0\"", &more)
+}
+
 /// Mints a token of `uses` for `service` and `allow`, runs `examples/gateway/{script}` with the
 /// token in `key_var` and the gateway's `base` in `base_var`, as the example's docstring says, and
 /// returns what it printed (it must succeed).
@@ -145,11 +155,7 @@ async fn the_shipped_openai_example_runs_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_anthropic_example_runs_as_documented() {
     let up = Upstream::start(None).await;
-    let more = format!(
-        "\n[services.anthropic]\npreset = \"anthropic\"\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/other.key\" }}\n",
-        up.url()
-    );
-    let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
+    let d = with_preset(&up, "anthropic", "other.key");
     let stdout = run_example(
         &d,
         ("anthropic", &["POST /v1/messages"], 1),
@@ -177,11 +183,7 @@ async fn the_shipped_anthropic_example_runs_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_github_example_runs_as_documented() {
     let up = Upstream::start(None).await;
-    let more = format!(
-        "\n[services.github]\npreset = \"github\"\nbase_url = \"{}\"\nsecret = {{ file = \"{{dir}}/other.key\" }}\n",
-        up.url()
-    );
-    let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
+    let d = with_preset(&up, "github", "other.key");
     let stdout = run_example(
         &d,
         (
@@ -222,4 +224,47 @@ async fn the_shipped_github_example_runs_as_documented() {
             .all(|s| s.headers["authorization"] == format!("Bearer {OTHER_SECRET}"))
     );
     assert!(!stdout.contains(OTHER_SECRET));
+}
+
+/// The example shipped in `examples/gateway/curl.sh`, run as it says (with `till` on the PATH and
+/// the gateway's URL in `TILL_GATEWAY`), against the openai preset pointed at the test upstream:
+/// three answers, then the refusal of the fourth request, then health and metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_curl_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let d = with_preset(&up, "openai", "echo.key");
+    let g = d.gateway_url().await;
+    let till_dir = till_tests::bin("till")
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        till_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(format!(
+            "{}/../examples/gateway/curl.sh",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .env("PATH", path)
+        .env("TILL_GATEWAY", &g)
+        .env("TILL_SOCKET", d.socket.as_os_str())
+        .output()
+        .expect("run curl.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("HTTP/1.1 200"), "{stdout}");
+    assert!(stdout.contains("HTTP/1.1 429"), "{stdout}");
+    assert!(stdout.contains("activation(s) are all spent"), "{stdout}");
+    assert!(stdout.contains("ok\n"), "{stdout}");
+    assert!(stdout.contains("till_activations_total"), "{stdout}");
+    assert!(!stdout.contains(SECRET));
+    let paths: Vec<String> = up.seen().iter().map(|s| s.path_and_query.clone()).collect();
+    assert_eq!(paths, ["/v1/models", "/v1/models", "/v1/models"]);
 }
