@@ -31,14 +31,15 @@ pub const SECRET: &str = "sk-live-TESTSECRET-0123456789abcdef";
 /// The master credential of the `other` service.
 pub const OTHER_SECRET: &str = "sk-other-SECRET-fedcba9876543210";
 
-/// Path of a workspace binary (`tilld`, `till`), next to the test executable's `deps/` dir.
+/// Path of a workspace binary (`tilld`, `till`, `examples/mint_and_call`), next to the test
+/// executable's `deps/` dir.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        "{} is missing: build it first (scripts/test does: `cargo build --workspace --bins`, and the example)",
         path.display()
     );
     path

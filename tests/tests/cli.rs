@@ -581,3 +581,31 @@ fn a_public_key_starting_with_a_dash_is_a_value_not_a_flag() {
         text(&out.stderr)
     );
 }
+
+/// The Rust example shipped in `examples/mint_and_call.rs` (built by scripts/test), run as its doc
+/// says: it mints a one-activation token through the client library and spends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_rust_example_mints_and_calls() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let out = Command::new(bin("examples/mint_and_call"))
+        .args(["echo", "GET", "/v1/models"])
+        .env("TILL_SOCKET", &d.socket)
+        .output()
+        .expect("run the example");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("minted ") && lines[0].ends_with(" for echo: 1 activation(s)"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("HTTP 200 (") && lines[1].ends_with(" bytes, 0 activation(s) left)"),
+        "{stdout}"
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/v1/models");
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {SECRET}"));
+}
