@@ -443,13 +443,24 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     }
     act.audit_answer(Ok(upstream.status().as_u16()));
     let mut resp = Response::builder().status(upstream.status().as_u16());
-    let rebase = Rebase::new(&svc.config.base_url, &act.claims.service, host.as_deref());
+    // Made only for an answer that can need it: most have no such header, and most services no
+    // `rewrite_urls`.
+    let names_itself = [
+        hyper::header::LOCATION,
+        hyper::header::CONTENT_LOCATION,
+        hyper::header::LINK,
+    ]
+    .iter()
+    .any(|h| upstream.headers().contains_key(h));
+    let rebase = (names_itself || svc.config.rewrite_urls)
+        .then(|| Rebase::new(&svc.config.base_url, &act.claims.service, host.as_deref()));
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
-        let v = match k.as_str() {
-            "location" | "content-location" => rebase.url(&v).unwrap_or(v),
-            "link" => rebase.link(&v).unwrap_or(v),
-            _ => v,
-        };
+        let new = rebase.as_ref().and_then(|r| match k.as_str() {
+            "location" | "content-location" => r.url(&v),
+            "link" => r.link(&v),
+            _ => None,
+        });
+        let v = new.unwrap_or(v);
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
@@ -463,9 +474,10 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let body_rebase = (svc.config.rewrite_urls && links::is_json(content_type))
-        .then(|| rebase.body())
-        .flatten();
+    let body_rebase = rebase
+        .as_ref()
+        .filter(|_| svc.config.rewrite_urls && links::is_json(content_type))
+        .and_then(Rebase::body);
     let metering = act.budgeted.then(|| Metering {
         meter: Some(UsageMeter::new(content_type)),
         status: upstream.status().as_u16(),

@@ -14,12 +14,12 @@ use memchr::memmem;
 use reqwest::Url;
 
 /// Rewrites URLs under one service's base URL to the gateway's route for that service.
-pub struct Rebase {
+pub struct Rebase<'a> {
     /// The base URL as it appears in answers, without a trailing `/`: `https://api.github.com`.
     from: String,
     /// Its path alone, without a trailing `/` (empty for most services).
     base_path: String,
-    base: Url,
+    base: &'a Url,
     /// The gateway's route for the service: `/proxy/github`.
     route: String,
     /// `http://{authority}{route}`, when the request said under which authority it reached the
@@ -27,9 +27,9 @@ pub struct Rebase {
     public: Option<String>,
 }
 
-impl Rebase {
+impl<'a> Rebase<'a> {
     /// `host` is the request's `Host` header, used only if it is a plain `host[:port]`.
-    pub fn new(base: &Url, service: &str, host: Option<&str>) -> Rebase {
+    pub fn new(base: &'a Url, service: &str, host: Option<&str>) -> Rebase<'a> {
         let from = base.as_str().trim_end_matches('/').to_owned();
         let route = format!("/proxy/{service}");
         let public = host
@@ -41,7 +41,7 @@ impl Rebase {
         Rebase {
             from,
             base_path: base.path().trim_end_matches('/').to_owned(),
-            base: base.clone(),
+            base,
             route,
             public,
         }
@@ -89,7 +89,7 @@ impl Rebase {
     }
 
     /// What follows the base path in `path` (path, query and fragment), if `path` is under it.
-    fn under_base_path<'a>(&self, path: &'a str) -> Option<&'a str> {
+    fn under_base_path<'p>(&self, path: &'p str) -> Option<&'p str> {
         let rest = path.strip_prefix(self.base_path.as_str())?;
         (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
     }
@@ -174,17 +174,18 @@ fn ends_url_prefix(b: u8) -> bool {
 mod tests {
     use super::*;
 
-    fn rebase(base: &str) -> Rebase {
-        Rebase::new(
-            &Url::parse(base).expect("url"),
-            "github",
-            Some("127.0.0.1:8719"),
-        )
+    fn rebase(base: &Url) -> Rebase<'_> {
+        Rebase::new(base, "github", Some("127.0.0.1:8719"))
+    }
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).expect("url")
     }
 
     #[test]
     fn urls_under_the_base_url_come_back_through_the_gateway() {
-        let r = rebase("https://api.github.com");
+        let base = url("https://api.github.com");
+        let r = rebase(&base);
         let cases = [
             (
                 "https://api.github.com/repos/a/b",
@@ -204,7 +205,8 @@ mod tests {
         for (from, to) in cases {
             assert_eq!(r.url(from).as_deref(), to, "{from}");
         }
-        let ghe = rebase("https://ghe.example/api/v3/");
+        let ghe_base = url("https://ghe.example/api/v3/");
+        let ghe = rebase(&ghe_base);
         assert_eq!(
             ghe.url("https://ghe.example/api/v3/repos?x=1").as_deref(),
             Some("http://127.0.0.1:8719/proxy/github/repos?x=1")
@@ -225,7 +227,8 @@ mod tests {
 
     #[test]
     fn link_headers_keep_their_parameters() {
-        let r = rebase("https://api.github.com");
+        let base = url("https://api.github.com");
+        let r = rebase(&base);
         let link = r#"<https://api.github.com/repositories/1/issues?page=2>; rel="next", <https://elsewhere.example/p>; rel="help""#;
         assert_eq!(
             r.link(link).as_deref(),
@@ -238,7 +241,8 @@ mod tests {
 
     #[test]
     fn bodies_are_rewritten_whatever_the_chunking() {
-        let r = rebase("https://api.github.com");
+        let base = url("https://api.github.com");
+        let r = rebase(&base);
         let body = br#"{"url":"https://api.github.com/repos/a","x":"https://api.github.com.evil/","y":"https://api.github.com","z":"https://api.github.co"} https://api.github.com"#;
         let want = br#"{"url":"http://127.0.0.1:8719/proxy/github/repos/a","x":"https://api.github.com.evil/","y":"http://127.0.0.1:8719/proxy/github","z":"https://api.github.co"} http://127.0.0.1:8719/proxy/github"#;
         for size in 1..body.len() {
