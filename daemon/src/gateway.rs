@@ -257,8 +257,25 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
         resp.headers_mut()
             .insert(REMAINING_HEADER, HeaderValue::from(n));
     }
+    let retry_is_futile = match r.code {
+        // A retry would be sent again, and costs an activation: futile only with none left.
+        ErrorCode::UpstreamFailed | ErrorCode::UpstreamTimeout => remaining == Some(0),
+        ErrorCode::ShuttingDown | ErrorCode::TooManyConnections | ErrorCode::Internal => false,
+        _ => true,
+    };
+    if retry_is_futile {
+        resp.headers_mut()
+            .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+    }
     resp
 }
+
+/// The OpenAI and Anthropic SDKs retry a 408, 409, 429 or 5xx by themselves (twice, with backoff)
+/// unless the answer says `x-should-retry: false`. Till says so when a retry cannot succeed: a
+/// spent, bad or out-of-scope token gets the same refusal again, seconds later and with two more
+/// `deny` lines; and an upstream failure with no activation left would be retried into "spent",
+/// which hides the failure the agent should see.
+const SHOULD_RETRY: &str = "x-should-retry";
 
 /// Finds the token where an SDK puts its API key. Returns it and the query without `key=till_…`.
 fn extract_token<'a>(
@@ -454,7 +471,14 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
     .any(|h| upstream.headers().contains_key(h));
     let rebase = (names_itself || svc.config.rewrite_urls)
         .then(|| Rebase::new(&svc.config.base_url, &act.claims.service, host.as_deref()));
+    let no_retry = act.remaining == 0 && upstream.status().as_u16() >= 400;
+    if no_retry {
+        resp = resp.header(SHOULD_RETRY, "false");
+    }
     for (k, v) in proxy::response_headers(&upstream, &svc.scrubber) {
+        if no_retry && k == SHOULD_RETRY {
+            continue;
+        }
         let new = rebase.as_ref().and_then(|r| match k.as_str() {
             "location" | "content-location" => r.url(&v),
             "link" => r.link(&v),

@@ -67,7 +67,8 @@ pub fn tls_ca() -> PathBuf {
 /// - `/slow`: never answers;
 /// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`;
 /// - `/v1/messages`: an Anthropic Messages endpoint that accepts only `x-api-key: OTHER_SECRET`;
-/// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (see [`github`]).
+/// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (see [`github`]);
+/// - `/status/NNN`: that status, with `x-should-retry: true` as OpenAI sends on a 5xx.
 pub struct Upstream {
     pub addr: SocketAddr,
     scheme: &'static str,
@@ -240,6 +241,23 @@ async fn echo(
     {
         let host = echo["headers"]["host"].as_str().unwrap_or_default();
         return github(&path_and_query, &format!("http://{host}"));
+    }
+    if let Some(code) = path_and_query
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        // An upstream error as OpenAI sends one, inviting the SDK to retry.
+        return Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .header("x-should-retry", "true")
+            .body(
+                Full::new(Bytes::from_static(
+                    br#"{"error":{"message":"upstream error"}}"#,
+                ))
+                .boxed(),
+            )
+            .expect("response");
     }
     if path_and_query.starts_with("/v1/messages") {
         return anthropic_message(echo["headers"]["x-api-key"].as_str().unwrap_or_default());

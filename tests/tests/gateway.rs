@@ -497,6 +497,51 @@ async fn upstream_failures_are_502_and_504_with_a_clear_body() {
     );
 }
 
+/// SDKs retry a 429 or a 5xx by themselves unless told `x-should-retry: false`. Till tells them
+/// when a retry cannot succeed: a refusal of the token (it would come again), and an upstream
+/// failure or error answer once no activation is left (the retry would be refused as spent, and
+/// hide the failure). While activations are left, an upstream failure may be retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdks_are_told_when_a_retry_cannot_succeed() {
+    let up = Upstream::start(None).await;
+    let more = "\n[services.down]\nbase_url = \"http://127.0.0.1:1\"\nsecret = { file = \"{dir}/echo.key\" }\nallow = [\"GET /**\"]\n";
+    let d = TestDaemon::start_with(&up, GATEWAY, more);
+    let g = d.gateway_url().await;
+    let should_retry = |resp: &reqwest::Response| {
+        let all: Vec<String> = resp
+            .headers()
+            .get_all("x-should-retry")
+            .iter()
+            .map(|v| v.to_str().expect("text").to_owned())
+            .collect();
+        (resp.status().as_u16(), all.join(","))
+    };
+    let get = |path: &str, token: &str| http().get(format!("{g}{path}")).bearer_auth(token).send();
+
+    let t = mint(&d, "echo", &["GET /status/*"], 2).await;
+    let first = get("/proxy/echo/status/500", &t).await.expect("send");
+    assert_eq!(
+        should_retry(&first),
+        (500, "true".into()),
+        "the upstream's own word"
+    );
+    let last = get("/proxy/echo/status/500", &t).await.expect("send");
+    assert_eq!(should_retry(&last), (500, "false".into()));
+    let spent = get("/proxy/echo/status/500", &t).await.expect("send");
+    assert_eq!(should_retry(&spent), (429, "false".into()));
+    let bad = get("/proxy/echo/status/500", "till_bogus")
+        .await
+        .expect("send");
+    assert_eq!(should_retry(&bad), (401, "false".into()));
+
+    let t = mint(&d, "down", &["GET /x"], 2).await;
+    let first = get("/proxy/down/x", &t).await.expect("send");
+    assert_eq!(should_retry(&first), (502, String::new()));
+    let last = get("/proxy/down/x", &t).await.expect("send");
+    assert_eq!(should_retry(&last), (502, "false".into()));
+    assert_eq!(up.hits(), 2);
+}
+
 /// A caller that goes away before the upstream answers still leaves an `answer` line: the trail
 /// says what became of every activation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,6 +146,13 @@ async fn the_shipped_openai_example_runs_as_documented() {
         lines[2].starts_with("refused:") && lines[2].contains("activation(s) are all spent"),
         "{stdout}"
     );
+    // Refused once: told that a retry cannot succeed, the SDK did not retry (it would twice).
+    let denials = d
+        .audit_text()
+        .lines()
+        .filter(|l| l.contains(r#""event":"deny""#))
+        .count();
+    assert_eq!(denials, 1, "{}", d.audit_text());
     assert!(!stdout.contains(SECRET));
 }
 
