@@ -67,7 +67,7 @@ pub fn tls_ca() -> PathBuf {
 /// - `/slow`: never answers;
 /// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`;
 /// - `/v1/messages`: an Anthropic Messages endpoint that accepts only `x-api-key: OTHER_SECRET`;
-/// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (see [`github`]);
+/// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (`fn github` below);
 /// - `/status/NNN`: that status, with `x-should-retry: true` as OpenAI sends on a 5xx.
 pub struct Upstream {
     pub addr: SocketAddr,
