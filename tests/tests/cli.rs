@@ -609,3 +609,21 @@ async fn the_shipped_rust_example_mints_and_calls() {
     assert_eq!(seen[0].path_and_query, "/v1/models");
     assert_eq!(seen[0].headers["authorization"], format!("Bearer {SECRET}"));
 }
+
+/// An agent that gives a whole URL as the path (one copied from an answer, such as a next-page
+/// link) is refused, nothing is sent, and the refusal names the path to give instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_given_as_the_path_is_refused_with_the_path_to_give() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    // `other`'s base URL is the upstream's `/other`: the path is what follows it.
+    let url = format!("{}/other/v1/x?page=2#top", up.url());
+    let out = d.till(&["call", "other", "GET", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("give the path /v1/x?page=2"), "{err}");
+    let out = d.till(&["call", "echo", "GET", "https://elsewhere.example/a/b?c=d"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("give the path /a/b?c=d"), "{err}");
+    assert_eq!(up.hits(), 0);
+}

@@ -250,7 +250,10 @@ pub async fn handle(b: &Broker, peer: &Peer, req: CallRequest) -> Result<Respons
 fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath), Refusal> {
     let method =
         Method::parse_request(t.method).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    let path = RequestPath::parse(t.path).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let path = RequestPath::parse(t.path).map_err(|e| match path_in_url(b, t) {
+        Some(p) => Refusal::bad_request(format!("{e}; for this URL, give the path {p}")),
+        None => Refusal::bad_request(e.to_string()),
+    })?;
     proxy::check_headers(t.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
     if t.body.len() > b.served().config.max_body {
         return Err(Refusal::bad_request(format!(
@@ -260,6 +263,25 @@ fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath)
         )));
     }
     Ok((method, path))
+}
+
+/// The path to give for a whole URL given as the path (an agent copies one from an answer, such
+/// as GitHub's next-page link): what follows the named service's base URL when the URL is under it,
+/// else the URL's own path and query. Only a hint in the refusal: a URL is never taken as a path.
+fn path_in_url(b: &Broker, t: &CallTarget<'_>) -> Option<String> {
+    let url = reqwest::Url::parse(t.path).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let on_url = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let under_base = t.service.and_then(|name| {
+        let served = b.served();
+        let base = &served.services.get(name)?.config.base_url;
+        let base_path = base.path().trim_end_matches('/');
+        let rest = on_url.strip_prefix(base_path)?;
+        (url.origin() == base.origin() && rest.starts_with('/')).then(|| rest.to_owned())
+    });
+    under_base.or_else(|| Some(on_url.to_owned()))
 }
 
 /// The alert rules that look at a request: a canary presented (refused as if revoked, so the
