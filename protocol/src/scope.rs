@@ -2,9 +2,10 @@
 //!
 //! A pattern is a list of segments: a literal, `*` (exactly one segment) or `**` (any number of trailing
 //! segments, zero included; only as the last segment). Request paths are validated, never normalised:
-//! anything a server or proxy further along might interpret differently from us (`.`/`..`, empty
-//! segments, percent-encoded dots, slashes, backslashes or percent signs, control characters) is refused,
-//! because a path we would match as `/a/b` must not reach the upstream as `/a/../c`.
+//! anything a server or proxy further along might interpret differently from us (`.`/`..`, also as
+//! `..;x`, which servlet containers resolve as `..`; empty segments; percent-encoded dots, slashes,
+//! backslashes or percent signs; control characters) is refused, because a path we would match as
+//! `/a/b` must not reach the upstream as `/a/../c`.
 
 use std::fmt;
 
@@ -317,9 +318,13 @@ fn split_segments(path: &str) -> Result<Vec<&str>, String> {
                 "{path:?} has an empty segment ('//' or a trailing '/'); remove it"
             ));
         }
-        if seg == "." || seg == ".." {
+        // Servlet containers (Tomcat, Jetty, and Spring before it) drop a `;parameter` from a
+        // segment before they resolve dot segments, so `..;x` climbs as `..` does there.
+        let bare = seg.split(';').next().unwrap_or(seg);
+        if bare == "." || bare == ".." {
             return Err(format!(
-                "{path:?} has a '.' or '..' segment; write the path it means"
+                "{path:?} has a '.' or '..' segment (a ';parameter' after one still reads as one \
+                 upstream); write the path it means"
             ));
         }
         if seg.contains('\\') {
@@ -384,6 +389,122 @@ mod tests {
         RequestPath::parse(s).expect(s)
     }
 
+    /// Every pattern of up to three segments over `a`, `b` and `*`, with or without a last `**`.
+    fn small_patterns() -> Vec<Pattern> {
+        let mut out = vec![Pattern { segments: vec![] }];
+        let mut frontier = out.clone();
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for p in &frontier {
+                if p.segments.last() == Some(&Segment::Rest) {
+                    continue;
+                }
+                for seg in ["a", "b", "*", "**"] {
+                    let mut s = p.to_string();
+                    if s == "/" {
+                        s.clear();
+                    }
+                    next.push(Pattern::parse(&format!("{s}/{seg}")).expect("pattern"));
+                }
+            }
+            out.extend(next.iter().cloned());
+            frontier = next;
+        }
+        out
+    }
+
+    /// Every path of up to four segments over `a`, `b` and `z`: `z` is a literal no pattern names
+    /// (it stands for all others), and four segments is longer than any small pattern, so these
+    /// paths tell apart everything the small patterns can.
+    fn small_paths() -> Vec<RequestPath> {
+        let mut out = vec![path("/")];
+        let mut frontier = vec![String::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for p in &frontier {
+                for seg in ["a", "b", "z"] {
+                    let q = format!("{p}/{seg}");
+                    out.push(path(&q));
+                    next.push(q);
+                }
+            }
+            frontier = next;
+        }
+        out
+    }
+
+    /// Containment is what a ceiling rests on (a token may do nothing its ceiling does not allow):
+    /// checked against its meaning, every path matched, on every pair of small patterns. `covers`
+    /// must never say yes where a path escapes (unsound), and should not say no where none does.
+    #[test]
+    fn covers_is_exactly_containment_on_every_small_pattern() {
+        let patterns = small_patterns();
+        let paths = small_paths();
+        assert_eq!(patterns.len(), 1 + 4 + 12 + 36);
+        for ceiling in &patterns {
+            for narrower in &patterns {
+                let contained = paths
+                    .iter()
+                    .all(|p| !narrower.matches(p) || ceiling.matches(p));
+                assert_eq!(
+                    ceiling.covers(narrower),
+                    contained,
+                    "does {ceiling} cover {narrower}?"
+                );
+            }
+        }
+    }
+
+    /// Thousands of odd request targets: none panics, and each one accepted is clean (no dot
+    /// segment, no empty one, nothing encoded that decodes to path structure) and reads back as
+    /// itself; its exact rule matches it and only it among its neighbours.
+    #[test]
+    fn odd_request_targets_are_refused_or_clean() {
+        // Mostly harmless pieces, so that many targets pass and are checked.
+        const PIECES: &[&str] = &[
+            "/a", "/b", "/a", "/b", "/", "a", "b", ".", "..", ";", "%2e", "%2E", "%2f", "%5C",
+            "%25", "%41", "%", "%0", "?", "#", "*", "\\", " ", "\u{0}", "\n", "é", "=", "&",
+        ];
+        let mut rng = crate::TestRng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let len = rng.below(6);
+            let target: String = std::iter::once("/")
+                .chain((0..len).map(|_| PIECES[rng.below(PIECES.len())]))
+                .collect();
+            let Ok(p) = RequestPath::parse(&target) else {
+                continue;
+            };
+            accepted += 1;
+            let shown = p.path();
+            for seg in shown.split('/').skip(1) {
+                let bare = seg.split(';').next().unwrap_or(seg);
+                assert!(!seg.is_empty() || shown == "/", "{target:?}");
+                assert!(bare != "." && bare != "..", "{target:?}");
+            }
+            let lower = target.to_ascii_lowercase();
+            for bad in ["%2e", "%2f", "%5c", "%25", "\\", "#", "*"] {
+                assert!(
+                    !lower.split('?').next().unwrap_or("").contains(bad),
+                    "{target:?}"
+                );
+            }
+            assert!(target.is_ascii() && !target.chars().any(|c| c.is_control() || c == ' '));
+            let again = match p.query() {
+                Some(q) => format!("{shown}?{q}"),
+                None => shown.clone(),
+            };
+            assert_eq!(RequestPath::parse(&again).as_ref(), Ok(&p), "{target:?}");
+            let exact = Rule::exact(Method::Get, &p);
+            assert!(exact.matches(Method::Get, &p), "{target:?}");
+            assert!(!exact.matches(Method::Post, &p), "{target:?}");
+            let longer = path(&format!("{}/x", shown.trim_end_matches('/')));
+            assert!(!exact.matches(Method::Get, &longer), "{target:?}");
+        }
+        // The pieces make both kinds: the test is not vacuous.
+        assert!(accepted > 2_000 && accepted < 18_000, "{accepted} accepted");
+    }
+
     #[test]
     fn matching() {
         let r = rule("GET /repos/acme/*/issues/**");
@@ -431,6 +552,10 @@ mod tests {
         for bad in [
             "/a/../b",
             "/a/./b",
+            // Servlet containers (Tomcat, Jetty) read `..;x` as `..`.
+            "/a/..;/b",
+            "/a/..;x=1/b",
+            "/a/.;/b",
             "/a//b",
             "/a/",
             "/a/%2e%2e/b",
