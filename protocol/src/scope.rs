@@ -4,8 +4,8 @@
 //! segments, zero included; only as the last segment). Request paths are validated, never normalised:
 //! anything a server or proxy further along might interpret differently from us (`.`/`..`, also as
 //! `..;x`, which servlet containers resolve as `..`; empty segments; percent-encoded dots, slashes,
-//! backslashes or percent signs; control characters) is refused, because a path we would match as
-//! `/a/b` must not reach the upstream as `/a/../c`.
+//! backslashes or percent signs, or bytes that are not UTF-8; control characters) is refused,
+//! because a path we would match as `/a/b` must not reach the upstream as `/a/../c`.
 
 use std::fmt;
 
@@ -319,8 +319,9 @@ fn split_segments(path: &str) -> Result<Vec<&str>, String> {
             ));
         }
         // Servlet containers (Tomcat, Jetty, and Spring before it) drop a `;parameter` from a
-        // segment before they resolve dot segments, so `..;x` climbs as `..` does there.
-        let bare = seg.split(';').next().unwrap_or(seg);
+        // segment before they resolve dot segments, so `..;x` climbs as `..` does there (and
+        // `..%3bx`, where the `;` is decoded first).
+        let bare = before_parameter(seg);
         if bare == "." || bare == ".." {
             return Err(format!(
                 "{path:?} has a '.' or '..' segment (a ';parameter' after one still reads as one \
@@ -331,9 +332,49 @@ fn split_segments(path: &str) -> Result<Vec<&str>, String> {
             return Err(format!("{path:?} contains a backslash"));
         }
         check_percent(seg)?;
+        if std::str::from_utf8(&percent_decoded(seg)).is_err() {
+            // Overlong forms among them: `%c0%ae` is a '.' to a decoder that accepts them.
+            return Err(format!(
+                "{path:?}: its percent-encoded bytes are not UTF-8; encode text as UTF-8"
+            ));
+        }
         out.push(seg);
     }
     Ok(out)
+}
+
+/// A segment up to its first `;` (raw or `%3b`): what a servlet container resolves as the segment.
+fn before_parameter(seg: &str) -> &str {
+    let lower = seg.to_ascii_lowercase();
+    let end = [lower.find(';'), lower.find("%3b")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(seg.len());
+    &seg[..end]
+}
+
+/// The bytes a segment stands for (its `%XX` already checked by [`check_percent`]).
+fn percent_decoded(seg: &str) -> Vec<u8> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            seg.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16)),
+        ) {
+            (b'%', Some(Ok(v))) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Refuses malformed `%XX` and encodings of `.`, `/`, `\`, `%` and control characters: they decode
@@ -462,8 +503,9 @@ mod tests {
     fn odd_request_targets_are_refused_or_clean() {
         // Mostly harmless pieces, so that many targets pass and are checked.
         const PIECES: &[&str] = &[
-            "/a", "/b", "/a", "/b", "/", "a", "b", ".", "..", ";", "%2e", "%2E", "%2f", "%5C",
-            "%25", "%41", "%", "%0", "?", "#", "*", "\\", " ", "\u{0}", "\n", "é", "=", "&",
+            "/a", "/b", "/a", "/b", "/", "a", "b", ".", "..", ";", "%3b", "%2e", "%2E", "%2f",
+            "%5C", "%25", "%41", "%c0", "%ae", "%", "%0", "?", "#", "*", "\\", " ", "\u{0}", "\n",
+            "é", "=", "&",
         ];
         let mut rng = crate::TestRng(0x9e37_79b9_7f4a_7c15);
         let mut accepted = 0;
@@ -478,9 +520,14 @@ mod tests {
             accepted += 1;
             let shown = p.path();
             for seg in shown.split('/').skip(1) {
-                let bare = seg.split(';').next().unwrap_or(seg);
+                let bare = seg.to_ascii_lowercase().replace("%3b", ";");
+                let bare = bare.split(';').next().unwrap_or_default();
                 assert!(!seg.is_empty() || shown == "/", "{target:?}");
                 assert!(bare != "." && bare != "..", "{target:?}");
+                assert!(
+                    std::str::from_utf8(&percent_decoded(seg)).is_ok(),
+                    "{target:?}"
+                );
             }
             let lower = target.to_ascii_lowercase();
             for bad in ["%2e", "%2f", "%5c", "%25", "\\", "#", "*"] {
@@ -556,6 +603,11 @@ mod tests {
             "/a/..;/b",
             "/a/..;x=1/b",
             "/a/.;/b",
+            "/a/..%3b/b",
+            "/a/.%3Bx/b",
+            // Overlong UTF-8 for '.', and bytes that are not UTF-8 at all.
+            "/a/%c0%ae%c0%ae/b",
+            "/a/%ff",
             "/a//b",
             "/a/",
             "/a/%2e%2e/b",
@@ -582,6 +634,10 @@ mod tests {
                 RequestPath::parse(bad).is_err(),
                 "{bad:?} should be refused"
             );
+        }
+        // Percent-encoded UTF-8 text, and parameters after a segment that is not a dot one.
+        for good in ["/a/%e2%82%ac", "/a;v=1/b", "/a/...;x", "/a/x%3b"] {
+            assert!(RequestPath::parse(good).is_ok(), "{good:?}");
         }
         let p = path("/v1/models?limit=2&q=a%20b");
         assert_eq!(p.path(), "/v1/models");
