@@ -341,6 +341,60 @@ async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
     assert!(!headers.contains_key("x-hop"), "{headers:?}");
 }
 
+/// Headers and parameters that some servers take as the request's method or path
+/// (`X-HTTP-Method-Override` in Google's APIs and many frameworks, `X-Original-URL` in IIS and
+/// Symfony, `_method` in Rails, Laravel and Symfony) would carry a request past the rules it was
+/// checked against: refused with the reason, nothing spent, nothing sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_and_path_overrides_are_refused() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, GATEWAY);
+    let g = d.gateway_url().await;
+    let t = mint(&d, "echo", &["POST /files/*"], 10).await;
+    let post = |url: String| http().post(url).bearer_auth(&t);
+    for (name, value) in [
+        ("x-http-method-override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+    ] {
+        let resp = post(format!("{g}/proxy/echo/files/1"))
+            .header(name, value)
+            .send()
+            .await
+            .expect("send");
+        let (status, _, body) = error_of(resp).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        let msg = body["error"]["message"].as_str().expect("message");
+        assert!(msg.contains(&name.to_ascii_lowercase()), "{msg}");
+    }
+    let resp = post(format!("{g}/proxy/echo/files/1?x=1&_method=DELETE"))
+        .send()
+        .await
+        .expect("send");
+    let (status, _, body) = error_of(resp).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("_method"), "{body}");
+    let resp = post(format!("{g}/proxy/echo/files/1"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=x&_method=delete")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_of(resp).await.0, 400);
+    // A JSON body is the payload, whatever keys it has.
+    let resp = post(format!("{g}/proxy/echo/files/1"))
+        .header("content-type", "application/json")
+        .body(r#"{"_method": "DELETE"}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.hits(), 1);
+    assert_eq!(d.client().await.inspect(&t).await.expect("inspect").used, 1);
+}
+
 /// The upstream's own URLs in its answers (a redirect's `Location`, the next page in `Link`, and
 /// for the github preset the `url` fields of its JSON) name the gateway instead, so a client that
 /// follows them comes back through Till with its token, and not to the upstream without a key.

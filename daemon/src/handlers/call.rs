@@ -255,6 +255,7 @@ fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath)
         None => Refusal::bad_request(e.to_string()),
     })?;
     proxy::check_headers(t.headers).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    check_overrides(&path, t.headers, t.body)?;
     if t.body.len() > b.served().config.max_body {
         return Err(Refusal::bad_request(format!(
             "the request body is {} bytes, over the limit of {}",
@@ -263,6 +264,56 @@ fn parse_request(b: &Broker, t: &CallTarget<'_>) -> Result<(Method, RequestPath)
         )));
     }
     Ok((method, path))
+}
+
+/// Headers that some servers take as the request's method (Google's APIs, many frameworks) or path
+/// (IIS, Symfony) in place of the request line's.
+const OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// Refuses what would have the upstream act on another method or path than the one the token's
+/// rules were checked against: an override header, or a `_method` parameter (Rails, Laravel and
+/// Symfony read it from the query or a form body). Refused, not dropped: without it the request
+/// would still go, as something the caller did not mean.
+fn check_overrides(
+    path: &RequestPath,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<(), Refusal> {
+    if let Some((k, _)) = headers
+        .iter()
+        .find(|(k, _)| OVERRIDE_HEADERS.iter().any(|h| k.eq_ignore_ascii_case(h)))
+    {
+        return Err(Refusal::bad_request(format!(
+            "header {} is refused: some servers take it as the request's method or path, past the \
+             rules this request was checked against; send that method and path themselves",
+            k.to_ascii_lowercase()
+        )));
+    }
+    let method_param = |s: &[u8]| url::form_urlencoded::parse(s).any(|(k, _)| k == "_method");
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let in_body = if content_type.starts_with("application/x-www-form-urlencoded") {
+        method_param(body)
+    } else {
+        content_type.starts_with("multipart/form-data")
+            && memchr::memmem::find(body, b"name=\"_method\"").is_some()
+    };
+    if in_body || path.query().is_some_and(|q| method_param(q.as_bytes())) {
+        return Err(Refusal::bad_request(
+            "a _method parameter is refused: some servers take it as the request's method, past \
+             the rules this request was checked against; send that method itself",
+        ));
+    }
+    Ok(())
 }
 
 /// The path to give for a whole URL given as the path (an agent copies one from an answer, such
