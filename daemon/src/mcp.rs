@@ -497,7 +497,8 @@ type Sessions = rmcp::transport::streamable_http_server::session::local::LocalSe
 pub const MAX_HTTP_SESSIONS: usize = 512;
 
 /// The streamable-HTTP MCP endpoint the gateway serves at `/mcp`. rmcp's own Host check keeps it to
-/// loopback names (a DNS-rebinding guard for a server on localhost).
+/// loopback names (a DNS-rebinding guard for a server on localhost), and its Origin check to pages
+/// served from this machine.
 pub struct HttpService {
     pub service: rmcp::transport::streamable_http_server::StreamableHttpService<TillMcp, Sessions>,
     sessions: Arc<Sessions>,
@@ -511,7 +512,19 @@ impl HttpService {
 }
 
 pub fn http_service(broker: Broker, shutdown: CancellationToken) -> HttpService {
-    let mut config = rmcp::transport::streamable_http_server::StreamableHttpServerConfig::default();
+    // No token guards `/mcp`: the peer's uid is the identity, and a browser runs as the user. A
+    // request from a web page carries its `Origin`; only pages served from this machine may use
+    // it (the MCP spec asks servers to check, against DNS rebinding and cross-site requests).
+    // Agent hosts send no `Origin`.
+    let mut config = rmcp::transport::streamable_http_server::StreamableHttpServerConfig::default()
+        .with_allowed_origins([
+            "http://localhost:*",
+            "https://localhost:*",
+            "http://127.0.0.1:*",
+            "https://127.0.0.1:*",
+            "http://[::1]:*",
+            "https://[::1]:*",
+        ]);
     config.cancellation_token = shutdown;
     let placeholder = Peer::from_tcp(
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -446,6 +446,17 @@ async fn till_mcp_answers_with_a_reason_when_the_daemon_is_down() {
     s.cancel().await.expect("close");
 }
 
+/// An `initialize` POST to the gateway's `/mcp`, which opens a session.
+fn initialize(h: &reqwest::Client, gateway: &str) -> reqwest::RequestBuilder {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    h.post(format!("{gateway}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(init.to_string())
+}
+
 /// Any local process can open MCP sessions over HTTP, and each costs the daemon memory until it
 /// has been idle for 5 minutes: past the cap a new one is refused with a reason, open ones keep
 /// working, and closing one makes room.
@@ -455,16 +466,7 @@ async fn streamable_http_mcp_sessions_are_capped() {
     let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
     let g = d.gateway_url().await;
     let h = till_tests::http();
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "many", "version": "1"}}});
-    let open = || {
-        h.post(format!("{g}/mcp"))
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(init.to_string())
-            .send()
-    };
+    let open = || initialize(&h, &g).send();
     let mut ids = Vec::new();
     for _ in 0..512 {
         let resp = open().await.expect("initialize");
@@ -504,4 +506,35 @@ async fn streamable_http_mcp_sessions_are_capped() {
     assert!(closed.status().is_success(), "{}", closed.status());
     assert_eq!(open().await.expect("initialize").status(), 200);
     assert_eq!(open().await.expect("initialize").status(), 503);
+}
+
+/// The gateway's `/mcp` needs no token: the peer's uid is its identity, and a browser on this
+/// machine runs as that uid. So a request a web page makes (it carries the page's `Origin`) is
+/// refused unless the page is on this machine, as the MCP spec asks of servers; agent hosts send
+/// no `Origin` and are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_of_other_sites_cannot_use_streamable_http_mcp() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let h = till_tests::http();
+    let open = |origin: Option<&str>| {
+        let mut req = initialize(&h, &g);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.send()
+    };
+    for origin in ["https://evil.example", "http://evil.example:8719", "null"] {
+        let resp = open(Some(origin)).await.expect("send");
+        assert_eq!(resp.status(), 403, "{origin}");
+    }
+    for origin in [
+        None,
+        Some("http://localhost:3000"),
+        Some("http://127.0.0.1:5173"),
+    ] {
+        let resp = open(origin).await.expect("send");
+        assert_eq!(resp.status(), 200, "{origin:?}");
+    }
 }
