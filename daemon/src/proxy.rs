@@ -41,9 +41,6 @@ const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "cookie",
     "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
 ];
 
 const DROPPED_RESPONSE_HEADERS: &[&str] = &[
@@ -319,7 +316,10 @@ fn request_headers(
     let hop = nominated(caller.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
     for (k, v) in caller {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad_header(k))?;
+        // Till is the upstream's client, not a proxy passing on where a request came from: no
+        // `X-Forwarded-*` of the caller's (Prefix and Port steer the links some servers build).
         if DROPPED_REQUEST_HEADERS.contains(&name.as_str())
+            || name.as_str().starts_with("x-forwarded-")
             || Some(&name) == inject_name.as_ref()
             || hop.contains(name.as_str())
         {

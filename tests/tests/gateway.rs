@@ -332,13 +332,17 @@ async fn the_destination_cannot_be_changed_and_redirects_are_not_followed() {
     );
     // A header the caller's `Connection` names is for its hop to Till only: not forwarded.
     let raw = format!(
-        "GET /proxy/echo/y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close, x-hop\r\nx-hop: 1\r\nx-kept: 2\r\n\r\n"
+        "GET /proxy/echo/y HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close, x-hop\r\nx-hop: 1\r\nx-kept: 2\r\nX-Forwarded-Prefix: /evil\r\nX-Forwarded-Host: evil.example\r\nForwarded: host=evil.example\r\n\r\n"
     );
     let reply = raw_http(g.trim_start_matches("http://").to_owned(), raw.into_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let headers = up.seen().last().expect("seen").headers.clone();
     assert_eq!(headers.get("x-kept").map(String::as_str), Some("2"));
     assert!(!headers.contains_key("x-hop"), "{headers:?}");
+    // Nor what the caller says of where the request came from: Till is the upstream's client.
+    for h in ["x-forwarded-prefix", "x-forwarded-host", "forwarded"] {
+        assert!(!headers.contains_key(h), "{h}: {headers:?}");
+    }
 }
 
 /// Headers and parameters that some servers take as the request's method or path
