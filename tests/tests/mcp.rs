@@ -538,3 +538,73 @@ async fn web_pages_of_other_sites_cannot_use_streamable_http_mcp() {
         assert_eq!(resp.status(), 200, "{origin:?}");
     }
 }
+
+/// Every agent-host config shipped in `examples/agents/`, used as the host would: a stdio entry's
+/// command (`till`, or Claude Desktop's full path) is launched with its args and `TILL_SOCKET` in
+/// its env, as the README there says for a socket off the default; an HTTP entry's URL is reached
+/// (its port being this daemon's gateway's). Each serves the five tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_agent_host_configs_serve_the_tools() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents");
+    let mut served = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("examples/agents") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        let till = &config["mcpServers"]["till"];
+        let s = if let Some(url) = till["url"].as_str() {
+            assert_eq!(till["type"], "http", "{}", path.display());
+            let url = url.replace("http://127.0.0.1:8719", &g);
+            agent()
+                .serve(StreamableHttpClientTransport::from_uri(url))
+                .await
+                .expect("initialize over HTTP")
+        } else {
+            let command = till["command"].as_str().expect("command");
+            assert!(command == "till" || command.ends_with("/till"), "{command}");
+            let args: Vec<String> = till["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .map(|a| a.as_str().expect("arg").to_owned())
+                .collect();
+            let cmd = tokio::process::Command::new(bin("till")).configure(|c| {
+                c.args(&args).env("TILL_SOCKET", &d.socket);
+            });
+            agent()
+                .serve(TokioChildProcess::new(cmd).expect("spawn"))
+                .await
+                .expect("initialize through the host's command")
+        };
+        let mut tools: Vec<String> = s
+            .list_all_tools()
+            .await
+            .expect("tools")
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        tools.sort();
+        assert_eq!(
+            tools,
+            [
+                "call_api",
+                "list_services",
+                "request_token",
+                "revoke_token",
+                "token_status"
+            ],
+            "{}",
+            path.display()
+        );
+        s.cancel().await.expect("close");
+        served.push(path.file_name().expect("name").to_owned());
+    }
+    assert_eq!(served.len(), 4, "{served:?}");
+}
