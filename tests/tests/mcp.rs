@@ -84,14 +84,17 @@ fn refusal(r: &CallToolResult) -> String {
     text(r)
 }
 
-/// The whole agent story, on any session: list, mint, call, count, refuse, revoke.
-async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
-    let info = s.peer_info().expect("server info");
-    let server = info.server_info.as_ref().expect("server implementation");
-    assert_eq!(
-        (server.name.as_str(), server.version.as_str()),
-        ("till", env!("CARGO_PKG_VERSION"))
-    );
+/// The tools Till serves, by name.
+const TOOLS: [&str; 5] = [
+    "call_api",
+    "list_services",
+    "request_token",
+    "revoke_token",
+    "token_status",
+];
+
+/// The names of the tools a session lists, sorted.
+async fn tool_names(s: &Session) -> Vec<String> {
     let mut names: Vec<String> = s
         .list_all_tools()
         .await
@@ -100,16 +103,18 @@ async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
         .map(|t| t.name.to_string())
         .collect();
     names.sort();
+    names
+}
+
+/// The whole agent story, on any session: list, mint, call, count, refuse, revoke.
+async fn agent_story(s: &Session, d: &TestDaemon, up: &Upstream) {
+    let info = s.peer_info().expect("server info");
+    let server = info.server_info.as_ref().expect("server implementation");
     assert_eq!(
-        names,
-        [
-            "call_api",
-            "list_services",
-            "request_token",
-            "revoke_token",
-            "token_status"
-        ]
+        (server.name.as_str(), server.version.as_str()),
+        ("till", env!("CARGO_PKG_VERSION"))
     );
+    assert_eq!(tool_names(s).await, TOOLS);
 
     let services = structured(&call(s, "list_services", json!({})).await);
     assert!(services.to_string().contains("\"echo\""), "{services}");
@@ -583,26 +588,7 @@ async fn the_shipped_agent_host_configs_serve_the_tools() {
                 .await
                 .expect("initialize through the host's command")
         };
-        let mut tools: Vec<String> = s
-            .list_all_tools()
-            .await
-            .expect("tools")
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect();
-        tools.sort();
-        assert_eq!(
-            tools,
-            [
-                "call_api",
-                "list_services",
-                "request_token",
-                "revoke_token",
-                "token_status"
-            ],
-            "{}",
-            path.display()
-        );
+        assert_eq!(tool_names(&s).await, TOOLS, "{}", path.display());
         s.cancel().await.expect("close");
         served.push(path.file_name().expect("name").to_owned());
     }
