@@ -627,3 +627,28 @@ async fn a_url_given_as_the_path_is_refused_with_the_path_to_give() {
     assert!(err.contains("give the path /a/b?c=d"), "{err}");
     assert_eq!(up.hits(), 0);
 }
+
+/// `till call -i` prints the answer's status line and headers before its body, as `curl -i`
+/// does: an agent in a shell sees the `Link` header that names the next page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_include_prints_the_status_and_headers_first() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let out = d.till(&["call", "-i", "other", "GET", "/x"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let (head, body) = stdout
+        .split_once("\n\n")
+        .expect("a blank line after the headers");
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("HTTP 200"));
+    assert!(
+        lines.any(|l| l == "content-type: application/json"),
+        "{head}"
+    );
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("the body, whole");
+    assert_eq!(echoed["path"], "/other/x");
+    // Without -i, the body alone.
+    let plain = text(&d.till(&["call", "other", "GET", "/x"]).stdout);
+    assert!(plain.starts_with('{'), "{plain}");
+}

@@ -95,6 +95,10 @@ enum Cmd {
         /// Exit 1 when the upstream answers with a status of 400 or more.
         #[arg(long)]
         fail: bool,
+        /// Print the answer's status line and headers before its body, as `curl -i` does (a
+        /// `Link` header names the next page, a `Location` where a resource moved).
+        #[arg(short = 'i', long)]
+        include: bool,
     },
     /// Live tokens and their remaining activations.
     Tokens {
@@ -321,6 +325,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             headers,
             token,
             fail,
+            include,
         } => {
             let req = CallRequest {
                 token,
@@ -331,6 +336,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 body: read_body(data)?,
             };
             let reply = connect(&cli.socket).await?.call(req).await?;
+            if include {
+                let mut head = format!("HTTP {}\n", reply.status);
+                for (k, v) in &reply.headers {
+                    head.push_str(&format!("{k}: {v}\n"));
+                }
+                head.push('\n');
+                std::io::stdout().write_all(head.as_bytes())?;
+            }
             std::io::stdout().write_all(&reply.body)?;
             std::io::stdout().flush()?;
             eprintln!(
