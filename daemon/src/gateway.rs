@@ -250,6 +250,8 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
             "message": format!("Till: {}", r.message),
             "type": format!("till_{}", r.code.as_str()),
             "code": r.code.as_str(),
+            // Google's SDKs name an error by this (google.rpc.Code for the HTTP status).
+            "status": google_status(status),
         }
     });
     let mut resp = full(status, "application/json", body.to_string());
@@ -268,6 +270,20 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
             .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     resp
+}
+
+/// The google.rpc.Code name Google's APIs give with an HTTP status, which its SDKs show.
+fn google_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        502 | 503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
+    }
 }
 
 /// The OpenAI and Anthropic SDKs retry a 408, 409, 429 or 5xx by themselves (twice, with backoff)

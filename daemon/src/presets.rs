@@ -58,7 +58,10 @@ pub const PRESETS: &[Preset] = &[
         base_url: "https://generativelanguage.googleapis.com",
         env: &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
         header: Some("x-goog-api-key"),
+        // google-genai 1.x calls v1beta, 3.x (and the REST docs' stable examples) v1.
         allow: &[
+            "GET /v1/models/**",
+            "POST /v1/models/*",
             "GET /v1beta/models/**",
             "POST /v1beta/models/*",
             "* /v1beta/openai/**",

@@ -67,6 +67,8 @@ pub fn tls_ca() -> PathBuf {
 /// - `/slow`: never answers;
 /// - `/v1/chat/completions`: an OpenAI-compatible endpoint that accepts only `Bearer SECRET`;
 /// - `/v1/messages`: an Anthropic Messages endpoint that accepts only `x-api-key: OTHER_SECRET`;
+/// - `/v1/models/M:generateContent` (and `v1beta`, and `:streamGenerateContent`): Gemini,
+///   accepting only `x-goog-api-key: OTHER_SECRET`;
 /// - `/repos/acme/...`, `/repositories/1/...`: a small GitHub (`fn github` below);
 /// - `/status/NNN`: that status, with `x-should-retry: true` as OpenAI sends on a 5xx.
 pub struct Upstream {
@@ -259,6 +261,19 @@ async fn echo(
             )
             .expect("response");
     }
+    let gemini_model = ["/v1/models/", "/v1beta/models/"]
+        .iter()
+        .any(|p| path_and_query.starts_with(p));
+    if gemini_model
+        && [":generateContent", ":streamGenerateContent"]
+            .iter()
+            .any(|m| path_and_query.contains(m))
+    {
+        let key = echo["headers"]["x-goog-api-key"]
+            .as_str()
+            .unwrap_or_default();
+        return gemini(&path_and_query, key);
+    }
     if path_and_query.starts_with("/v1/messages") {
         return anthropic_message(echo["headers"]["x-api-key"].as_str().unwrap_or_default());
     }
@@ -380,6 +395,43 @@ fn github(path_and_query: &str, origin: &str) -> Response<UpBody> {
             .body(Full::new(Bytes::from_static(br#"{"message":"Not Found"}"#)).boxed())
             .expect("response"),
     }
+}
+
+/// A Gemini `generateContent` answer (or `streamGenerateContent?alt=sse`, two events) that
+/// accepts only the `other` service's real key, in `x-goog-api-key`.
+fn gemini(path_and_query: &str, key: &str) -> Response<UpBody> {
+    if key != OTHER_SECRET {
+        let body =
+            r#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"#;
+        return Response::builder()
+            .status(400)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())).boxed())
+            .expect("response");
+    }
+    let answer = |text: &str| {
+        serde_json::json!({
+            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4, "totalTokenCount": 7},
+            "modelVersion": "gemini-2.0-flash",
+        })
+    };
+    if path_and_query.contains(":streamGenerateContent") {
+        let events = format!(
+            "data: {}\r\n\r\ndata: {}\r\n\r\n",
+            answer("hello from "),
+            answer("upstream")
+        );
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Full::new(Bytes::from(events)).boxed())
+            .expect("response");
+    }
+    Response::builder()
+        .header("content-type", "application/json; charset=UTF-8")
+        .body(Full::new(Bytes::from(answer("hello from upstream").to_string())).boxed())
+        .expect("response")
 }
 
 /// An Anthropic Messages API answer that accepts only the `other` service's real key.

@@ -275,3 +275,42 @@ async fn the_shipped_curl_example_runs_as_documented() {
     let paths: Vec<String> = up.seen().iter().map(|s| s.path_and_query.clone()).collect();
     assert_eq!(paths, ["/v1/models", "/v1/models", "/v1/models"]);
 }
+
+/// The example shipped in `examples/gateway/gemini_sdk.py`, run as its docstring says, against the
+/// gemini preset pointed at the test upstream: Google's SDK puts the token in `x-goog-api-key`,
+/// the upstream gets the real key there; a reply, a stream, and the refusal of the third request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_gemini_example_runs_as_documented() {
+    let up = Upstream::start(None).await;
+    let d = with_preset(&up, "gemini", "other.key");
+    let stdout = run_example(
+        &d,
+        ("gemini", &["POST /v1/models/*"], 2),
+        "gemini_sdk.py",
+        ("GEMINI_API_KEY", "GEMINI_BASE_URL", "/proxy/gemini"),
+    )
+    .await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "hello from upstream", "{stdout}");
+    assert_eq!(lines[1], "hello from upstream", "{stdout}");
+    assert!(
+        lines[2].starts_with("refused: 429 RESOURCE_EXHAUSTED Till: ")
+            && lines[2].contains("activation(s) are all spent"),
+        "{stdout}"
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[0].path_and_query.ends_with(":generateContent"),
+        "{}",
+        seen[0].path_and_query
+    );
+    assert!(seen[1].path_and_query.contains(":streamGenerateContent"));
+    assert!(
+        seen.iter()
+            .all(|s| s.headers["x-goog-api-key"] == OTHER_SECRET)
+    );
+    assert!(!stdout.contains(OTHER_SECRET));
+    // The SDK did not retry the refusal (one deny line).
+    assert_eq!(d.audit_text().matches(r#""event":"deny""#).count(), 1);
+}
