@@ -4,6 +4,8 @@
 //!
 //! Routes:
 //! - `/proxy/{service}/...`: to the service's base URL + `/...`; the token must be for that service.
+//!   A `/...` that begins with the base URL's own path (`/openai/v1/...` for a base URL ending in
+//!   `/openai`, as Groq's SDK sends it) has that part taken once.
 //! - `/v1/...`: the service is the token's own; the path goes upstream as it is (`/v1/...`), so
 //!   `base_url=http://127.0.0.1:8719/v1` works with the OpenAI SDK for any OpenAI-compatible preset.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
@@ -354,7 +356,20 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         .map(|rest| rest.split_once('/').unwrap_or((rest, "")))
         .filter(|(svc, _)| !svc.is_empty());
     let (service, upstream_path) = if let Some((svc, tail)) = proxied {
-        (Some(svc.to_owned()), format!("/{tail}"))
+        let mut tail = format!("/{tail}");
+        // An SDK whose own default base URL is the origin (Groq's SDK: `https://api.groq.com`,
+        // then `/openai/v1/...`) puts in front the path the service's base URL already ends
+        // with (`https://api.groq.com/openai`): taken once, not twice.
+        if let Ok(s) = b.service(svc) {
+            let base_path = s.config.base_url.path().trim_end_matches('/');
+            if let Some(rest) = tail.strip_prefix(base_path)
+                && !base_path.is_empty()
+                && rest.starts_with('/')
+            {
+                tail = rest.to_owned();
+            }
+        }
+        (Some(svc.to_owned()), tail)
     } else if path == "/v1" || path.starts_with("/v1/") {
         (None, path.clone())
     } else {

@@ -236,7 +236,11 @@ async fn echo(
     if path_and_query.starts_with("/slow") {
         std::future::pending::<()>().await;
     }
-    if path_and_query.starts_with("/v1/chat/completions") {
+    // Groq serves the same under `/openai`.
+    if ["/v1/chat/completions", "/openai/v1/chat/completions"]
+        .iter()
+        .any(|p| path_and_query.starts_with(p))
+    {
         return chat_completion(&auth, &echo["body"]);
     }
     if path_and_query.starts_with("/repos/acme/") || path_and_query.starts_with("/repositories/1/")

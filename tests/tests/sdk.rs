@@ -314,3 +314,43 @@ async fn the_shipped_gemini_example_runs_as_documented() {
     // The SDK did not retry the refusal (one deny line).
     assert_eq!(d.audit_text().matches(r#""event":"deny""#).count(), 1);
 }
+
+/// Groq's own SDK, given the gateway's route for the groq preset as its base URL, asks for
+/// `/openai/v1/chat/completions`: it puts in front the path that the preset's base URL
+/// (`https://api.groq.com/openai`) already ends with. The gateway takes that path once, so the
+/// SDK works, the token's rule is the plain `POST /v1/chat/completions`, and the upstream gets
+/// `/openai/v1/chat/completions`, not `/openai/openai/...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groqs_own_sdk_works_through_the_groq_preset() {
+    let up = Upstream::start(None).await;
+    let more = format!(
+        "\n[services.groq]\npreset = \"groq\"\nbase_url = \"{}/openai\"\nsecret = {{ file = \"{{dir}}/echo.key\" }}\n",
+        up.url()
+    );
+    let d = TestDaemon::start_with(&up, "gateway = \"127.0.0.1:0\"", &more);
+    let g = d.gateway_url().await;
+    let token = d.mint("groq", "POST /v1/chat/completions", 1).await.token;
+    let script = r#"
+import os, groq
+c = groq.Groq(api_key=os.environ["GROQ_API_KEY"], base_url=os.environ["GROQ_BASE_URL"], max_retries=0)
+r = c.chat.completions.create(model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": "hi"}])
+print(r.choices[0].message.content)
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .env("GROQ_API_KEY", &token)
+        .env("GROQ_BASE_URL", format!("{g}/proxy/groq"))
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "hello from upstream");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/openai/v1/chat/completions");
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {SECRET}"));
+}
