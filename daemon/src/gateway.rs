@@ -204,10 +204,20 @@ async fn mcp_request(
         );
     }
     req.extensions_mut().insert(peer);
-    mcp.service
+    let deletes = req.method() == hyper::Method::DELETE;
+    let resp = mcp
+        .service
         .handle(req)
         .await
-        .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+        .map(|body| body.map_err(|never| match never {}).boxed_unsync());
+    if deletes && resp.status() == StatusCode::ACCEPTED {
+        // rmcp says 202 for a session it closed; the Python MCP SDK takes only 200 or 204 as
+        // success and logs a failure otherwise. 204: done, nothing to say.
+        let mut done = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+        done.headers_mut().remove(hyper::header::CONTENT_TYPE);
+        return done;
+    }
+    resp
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {

@@ -354,3 +354,58 @@ print(r.choices[0].message.content)
     assert_eq!(seen[0].path_and_query, "/openai/v1/chat/completions");
     assert_eq!(seen[0].headers["authorization"], format!("Bearer {SECRET}"));
 }
+
+/// The official Python MCP SDK (the client many agent frameworks use), over both ways in: stdio
+/// through `till mcp` as a host launches it, and streamable HTTP on the gateway's `/mcp`. Each
+/// lists the five tools, makes a one-shot call, gets a refusal as a tool error, and closes its
+/// session cleanly (the SDK logs a failure for any answer to its DELETE but 200 or 204).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_mcp_sdk_works_over_stdio_and_http() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start_extra(&up, "gateway = \"127.0.0.1:0\"");
+    let g = d.gateway_url().await;
+    let script = r#"
+import asyncio, os, sys
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+async def story(r, w, label):
+    async with ClientSession(r, w) as s:
+        await s.initialize()
+        tools = sorted(t.name for t in (await s.list_tools()).tools)
+        ok = await s.call_tool("call_api", {"service": "echo", "method": "GET", "path": "/py"})
+        bad = await s.call_tool("call_api", {"service": "nope", "method": "GET", "path": "/x"})
+        print(label, ",".join(tools), ok.is_error, bad.is_error, bad.content[0].text.split(":")[0])
+
+async def main():
+    params = StdioServerParameters(command=os.environ["TILL"], args=["mcp"],
+                                   env={"TILL_SOCKET": os.environ["TILL_SOCKET"]})
+    async with stdio_client(params) as (r, w):
+        await story(r, w, "stdio")
+    async with streamable_http_client(os.environ["GATEWAY"] + "/mcp") as streams:
+        await story(streams[0], streams[1], "http")
+
+asyncio.run(main())
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .env("TILL", till_tests::bin("till"))
+        .env("TILL_SOCKET", &d.socket)
+        .env("GATEWAY", &g)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let tools = "call_api,list_services,request_token,revoke_token,token_status";
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            format!("stdio {tools} False True Refused (unknown_service)"),
+            format!("http {tools} False True Refused (unknown_service)"),
+        ]
+    );
+    assert!(!stderr.contains("termination failed"), "{stderr}");
+    assert_eq!(up.seen().len(), 2);
+}
