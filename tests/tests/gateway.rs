@@ -387,6 +387,27 @@ async fn method_and_path_overrides_are_refused() {
         .await
         .expect("send");
     assert_eq!(error_of(resp).await.0, 400);
+    let form = |file: &str, field: &str| {
+        format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\ndelete\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"edit.html.erb\"\r\n\
+             Content-Type: text/html\r\n\r\n{file}\r\n--XyZ--\r\n"
+        )
+    };
+    let multipart = |body: String| {
+        post(format!("{g}/proxy/echo/files/1"))
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(body)
+            .send()
+    };
+    let resp = multipart(form("<p>hello</p>", "_method"))
+        .await
+        .expect("send");
+    assert_eq!(error_of(resp).await.0, 400);
+    // A file that holds the text (a Rails view) is content, not a field.
+    let view = r#"<input type="hidden" name="_method" value="patch">"#;
+    let resp = multipart(form(view, "note")).await.expect("send");
+    assert_eq!(resp.status(), 200);
     // A JSON body is the payload, whatever keys it has.
     let resp = post(format!("{g}/proxy/echo/files/1"))
         .header("content-type", "application/json")
@@ -395,8 +416,8 @@ async fn method_and_path_overrides_are_refused() {
         .await
         .expect("send");
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.hits(), 1);
-    assert_eq!(d.client().await.inspect(&t).await.expect("inspect").used, 1);
+    assert_eq!(up.hits(), 2);
+    assert_eq!(d.client().await.inspect(&t).await.expect("inspect").used, 2);
 }
 
 /// The upstream's own URLs in its answers (a redirect's `Location`, the next page in `Link`, and

@@ -299,13 +299,18 @@ fn check_overrides(
     let content_type = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.to_ascii_lowercase())
+        .map(|(_, v)| v.as_str())
         .unwrap_or_default();
-    let in_body = if content_type.starts_with("application/x-www-form-urlencoded") {
-        method_param(body)
-    } else {
-        content_type.starts_with("multipart/form-data")
-            && memchr::memmem::find(body, b"name=\"_method\"").is_some()
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let in_body = match essence.as_str() {
+        "application/x-www-form-urlencoded" => method_param(body),
+        "multipart/form-data" => multipart_method_field(content_type, body),
+        _ => false,
     };
     if in_body || path.query().is_some_and(|q| method_param(q.as_bytes())) {
         return Err(Refusal::bad_request(
@@ -314,6 +319,34 @@ fn check_overrides(
         ));
     }
     Ok(())
+}
+
+/// Whether a multipart form has a part named `_method`: read from the parts' own headers, so a
+/// file that holds the text (a Rails view has `name="_method"` in it) is not taken for one.
+fn multipart_method_field(content_type: &str, body: &[u8]) -> bool {
+    let Some(boundary) = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"'))
+        .filter(|b| !b.is_empty())
+    else {
+        return false;
+    };
+    let delimiter = format!("--{boundary}");
+    memchr::memmem::find_iter(body, delimiter.as_bytes()).any(|at| {
+        let start = at + delimiter.len();
+        let end =
+            memchr::memmem::find(&body[start..], b"\r\n\r\n").map_or(body.len(), |e| start + e);
+        String::from_utf8_lossy(&body[start..end])
+            .lines()
+            .any(|line| {
+                let line = line.trim().to_ascii_lowercase();
+                line.starts_with("content-disposition:")
+                    && line
+                        .split(';')
+                        .any(|p| matches!(p.trim(), "name=\"_method\"" | "name=_method"))
+            })
+    })
 }
 
 /// The path to give for a whole URL given as the path (an agent copies one from an answer, such
