@@ -181,6 +181,17 @@ async fn the_shipped_anthropic_example_runs_as_documented() {
     assert_eq!(sent.headers["x-api-key"], OTHER_SECRET);
     assert!(sent.headers.contains_key("anthropic-version"));
     assert!(!stdout.contains(OTHER_SECRET));
+    // The gateway's root as the base URL (as Claude Code's ANTHROPIC_BASE_URL is set): the SDK
+    // asks for /v1/messages, and the service is the token's own.
+    let stdout = run_example(
+        &d,
+        ("anthropic", &["POST /v1/messages"], 1),
+        "anthropic_sdk.py",
+        ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", ""),
+    )
+    .await;
+    assert_eq!(stdout.trim(), "hello from upstream");
+    assert_eq!(up.seen().len(), 2);
 }
 
 /// The example shipped in `examples/gateway/pygithub_example.py`, run as its docstring says, against the
