@@ -99,27 +99,21 @@ pub async fn serve(
 /// A connection over its uid's cap: a 503 that says why, then closed. What the client sent is
 /// read (briefly) first, so that closing does not reset the connection and lose the answer.
 async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = serde_json::json!({"error": {
-        "message": format!(
-            "Till: this user already holds {max} connections to the gateway, the most it \
-             allows (daemon.gateway_max_connections); close some, or reuse them (keep-alive)"
+    use tokio::io::AsyncWriteExt;
+    let refusal = Refusal::new(
+        ErrorCode::TooManyConnections,
+        format!(
+            "this user already holds {max} connections to the gateway, the most it allows \
+             (daemon.gateway_max_connections); close some, or reuse them (keep-alive)"
         ),
-        "type": "till_too_many_connections",
-        "code": "too_many_connections",
-    }})
-    .to_string();
+    );
+    let body = refusal_body(&refusal, StatusCode::SERVICE_UNAVAILABLE);
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let mut scratch = [0u8; 4096];
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_millis(200),
-        stream.read(&mut scratch),
-    )
-    .await;
+    crate::server::read_briefly(&mut stream).await;
     let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -256,17 +250,7 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
         ErrorCode::ShuttingDown | ErrorCode::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let body = serde_json::json!({
-        "type": "error",
-        "error": {
-            "message": format!("Till: {}", r.message),
-            "type": format!("till_{}", r.code.as_str()),
-            "code": r.code.as_str(),
-            // Google's SDKs name an error by this (google.rpc.Code for the HTTP status).
-            "status": google_status(status),
-        }
-    });
-    let mut resp = full(status, "application/json", body.to_string());
+    let mut resp = full(status, "application/json", refusal_body(r, status));
     if let Some(n) = remaining {
         resp.headers_mut()
             .insert(REMAINING_HEADER, HeaderValue::from(n));
@@ -282,6 +266,21 @@ fn refusal_response(r: &Refusal, remaining: Option<u32>) -> Response<Body> {
             .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     resp
+}
+
+/// A refusal's JSON, in the shape SDKs read (see `refusal_response`).
+fn refusal_body(r: &Refusal, status: StatusCode) -> String {
+    serde_json::json!({
+        "type": "error",
+        "error": {
+            "message": format!("Till: {}", r.message),
+            "type": format!("till_{}", r.code.as_str()),
+            "code": r.code.as_str(),
+            // Google's SDKs name an error by this (google.rpc.Code for the HTTP status).
+            "status": google_status(status),
+        }
+    })
+    .to_string()
 }
 
 /// The google.rpc.Code name Google's APIs give with an HTTP status, which its SDKs show.
@@ -370,14 +369,12 @@ async fn handle(b: &Broker, peer: &Peer, req: Request<Incoming>) -> Response<Bod
         // An SDK whose own default base URL is the origin (Groq's SDK: `https://api.groq.com`,
         // then `/openai/v1/...`) puts in front the path the service's base URL already ends
         // with (`https://api.groq.com/openai`): taken once, not twice.
-        if let Ok(s) = b.service(svc) {
-            let base_path = s.config.base_url.path().trim_end_matches('/');
-            if let Some(rest) = tail.strip_prefix(base_path)
-                && !base_path.is_empty()
-                && rest.starts_with('/')
-            {
-                tail = rest.to_owned();
-            }
+        if let Ok(s) = b.service(svc)
+            && let Some(rest) = links::after_base_path(&s.config.base_url, &tail)
+            && rest.starts_with('/')
+            && rest.len() < tail.len()
+        {
+            tail = rest.to_owned();
         }
         (Some(svc.to_owned()), tail)
     } else if path == "/v1" || path.starts_with("/v1/") {

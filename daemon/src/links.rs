@@ -13,12 +13,16 @@
 use memchr::memmem;
 use reqwest::Url;
 
+/// What follows a base URL's own path in `path` (path, query and fragment), if `path` is under it:
+/// `/v1/x` for `/openai/v1/x` under `https://api.groq.com/openai`. The one rule for "under the base
+/// URL" (the gateway's links and routes, the hint for a URL given as a path).
+pub fn after_base_path<'p>(base: &Url, path: &'p str) -> Option<&'p str> {
+    let rest = path.strip_prefix(base.path().trim_end_matches('/'))?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
 /// Rewrites URLs under one service's base URL to the gateway's route for that service.
 pub struct Rebase<'a> {
-    /// The base URL as it appears in answers, without a trailing `/`: `https://api.github.com`.
-    from: String,
-    /// Its path alone, without a trailing `/` (empty for most services).
-    base_path: String,
     base: &'a Url,
     /// The gateway's route for the service: `/proxy/github`.
     route: String,
@@ -30,7 +34,6 @@ pub struct Rebase<'a> {
 impl<'a> Rebase<'a> {
     /// `host` is the request's `Host` header, used only if it is a plain `host[:port]`.
     pub fn new(base: &'a Url, service: &str, host: Option<&str>) -> Rebase<'a> {
-        let from = base.as_str().trim_end_matches('/').to_owned();
         let route = format!("/proxy/{service}");
         let public = host
             .filter(|h| {
@@ -39,8 +42,6 @@ impl<'a> Rebase<'a> {
             })
             .map(|h| format!("http://{h}{route}"));
         Rebase {
-            from,
-            base_path: base.path().trim_end_matches('/').to_owned(),
             base,
             route,
             public,
@@ -51,7 +52,7 @@ impl<'a> Rebase<'a> {
     /// upstream's origin. `None` when it is not under the base URL (left as it is).
     pub fn url(&self, value: &str) -> Option<String> {
         if value.starts_with('/') && !value.starts_with("//") {
-            let rest = self.under_base_path(value)?;
+            let rest = after_base_path(self.base, value)?;
             return Some(format!("{}{rest}", self.route));
         }
         let public = self.public.as_ref()?;
@@ -60,7 +61,7 @@ impl<'a> Rebase<'a> {
             return None;
         }
         let path_on = &url[url::Position::BeforePath..];
-        let rest = self.under_base_path(path_on)?;
+        let rest = after_base_path(self.base, path_on)?;
         Some(format!("{public}{rest}"))
     }
 
@@ -88,16 +89,11 @@ impl<'a> Rebase<'a> {
         changed.then_some(out)
     }
 
-    /// What follows the base path in `path` (path, query and fragment), if `path` is under it.
-    fn under_base_path<'p>(&self, path: &'p str) -> Option<&'p str> {
-        let rest = path.strip_prefix(self.base_path.as_str())?;
-        (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
-    }
-
     /// A rewriter for a JSON body, when the gateway's authority is known.
     pub fn body(&self) -> Option<BodyRebase> {
         Some(BodyRebase {
-            from: self.from.as_bytes().to_vec(),
+            // The base URL as it appears in answers: `https://api.github.com`.
+            from: self.base.as_str().trim_end_matches('/').as_bytes().to_vec(),
             to: self.public.clone()?.into_bytes(),
             held: Vec::new(),
         })

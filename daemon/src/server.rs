@@ -250,8 +250,9 @@ pub async fn accept_unix<F, Fut, R, RFut>(
 }
 
 /// Lets a refused peer's first message arrive (briefly) before the answer and the close, so
-/// that closing with it unread does not lose the answer.
-pub async fn read_briefly(stream: &mut UnixStream) {
+/// that closing with it unread does not lose the answer (a socket closed with unread bytes resets
+/// its peer). For the sockets and the gateway alike.
+pub async fn read_briefly(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
     use tokio::io::AsyncReadExt;
     let mut scratch = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut scratch)).await;

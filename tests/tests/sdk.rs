@@ -18,6 +18,15 @@ fn python() -> String {
     })
 }
 
+/// Runs `cmd`, which must succeed; returns what it printed on stdout and stderr.
+fn succeed(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("run the command");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
     let up = Upstream::start(None).await;
@@ -42,18 +51,12 @@ async fn the_openai_python_sdk_works_unchanged_with_a_till_token() {
     .await
     .expect("spend it");
 
-    let out = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_sdk.py"))
-        .env("TILL_BASE_URL", format!("{g}/v1"))
-        .env("TILL_TOKEN", &token)
-        .env("TILL_SPENT_TOKEN", &spent)
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _) = succeed(
+        Command::new(python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/openai_sdk.py"))
+            .env("TILL_BASE_URL", format!("{g}/v1"))
+            .env("TILL_TOKEN", &token)
+            .env("TILL_SPENT_TOKEN", &spent),
     );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["plain"], "hello from upstream");
@@ -108,20 +111,14 @@ async fn run_example(
 ) -> String {
     let g = d.gateway_url().await;
     let token = d.mint_rules(service, allow, uses).await.token;
-    let out = Command::new(python())
-        .arg(format!(
-            "{}/../examples/gateway/{script}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .env(key_var, &token)
-        .env(base_var, format!("{g}{base}"))
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _) = succeed(
+        Command::new(python())
+            .arg(format!(
+                "{}/../examples/gateway/{script}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .env(key_var, &token)
+            .env(base_var, format!("{g}{base}")),
     );
     stdout
 }
@@ -261,21 +258,15 @@ async fn the_shipped_curl_example_runs_as_documented() {
         till_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new("bash")
-        .arg(format!(
-            "{}/../examples/gateway/curl.sh",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .env("PATH", path)
-        .env("TILL_GATEWAY", &g)
-        .env("TILL_SOCKET", d.socket.as_os_str())
-        .output()
-        .expect("run curl.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _) = succeed(
+        Command::new("bash")
+            .arg(format!(
+                "{}/../examples/gateway/curl.sh",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .env("PATH", path)
+            .env("TILL_GATEWAY", &g)
+            .env("TILL_SOCKET", d.socket.as_os_str()),
     );
     assert!(stdout.starts_with("HTTP/1.1 200"), "{stdout}");
     assert!(stdout.contains("HTTP/1.1 429"), "{stdout}");
@@ -347,17 +338,11 @@ c = groq.Groq(api_key=os.environ["GROQ_API_KEY"], base_url=os.environ["GROQ_BASE
 r = c.chat.completions.create(model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": "hi"}])
 print(r.choices[0].message.content)
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .env("GROQ_API_KEY", &token)
-        .env("GROQ_BASE_URL", format!("{g}/proxy/groq"))
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _) = succeed(
+        Command::new(python())
+            .args(["-c", script])
+            .env("GROQ_API_KEY", &token)
+            .env("GROQ_BASE_URL", format!("{g}/proxy/groq")),
     );
     assert_eq!(stdout.trim(), "hello from upstream");
     let seen = up.seen();
@@ -399,16 +384,13 @@ async def main():
 
 asyncio.run(main())
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .env("TILL", till_tests::bin("till"))
-        .env("TILL_SOCKET", &d.socket)
-        .env("GATEWAY", &g)
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
+    let (stdout, stderr) = succeed(
+        Command::new(python())
+            .args(["-c", script])
+            .env("TILL", till_tests::bin("till"))
+            .env("TILL_SOCKET", &d.socket)
+            .env("GATEWAY", &g),
+    );
     let tools = "call_api,list_services,request_token,revoke_token,token_status";
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),

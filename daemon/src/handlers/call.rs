@@ -361,8 +361,7 @@ fn path_in_url(b: &Broker, t: &CallTarget<'_>) -> Option<String> {
     let under_base = t.service.and_then(|name| {
         let served = b.served();
         let base = &served.services.get(name)?.config.base_url;
-        let base_path = base.path().trim_end_matches('/');
-        let rest = on_url.strip_prefix(base_path)?;
+        let rest = crate::links::after_base_path(base, on_url)?;
         (url.origin() == base.origin() && rest.starts_with('/')).then(|| rest.to_owned())
     });
     under_base.or_else(|| Some(on_url.to_owned()))
