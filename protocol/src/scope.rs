@@ -242,10 +242,16 @@ pub struct RequestPath {
 impl RequestPath {
     /// Validates `/path?query` as it will be appended to the service's base URL. Refuses instead of
     /// normalising; see the module docs for what is refused.
+    /// The longest target (path and query) taken, in bytes.
+    pub const MAX_LEN: usize = 8192;
+
     pub fn parse(target: &str) -> Result<RequestPath, ScopeError> {
         let bad = |why: &str| ScopeError::Path(why.to_owned());
-        if target.len() > 8192 {
-            return Err(bad("the path is longer than 8192 bytes"));
+        if target.len() > Self::MAX_LEN {
+            return Err(ScopeError::Path(format!(
+                "the path is longer than {} bytes",
+                Self::MAX_LEN
+            )));
         }
         if let Some(c) = target.chars().find(|c| c.is_control() || *c == ' ') {
             return Err(ScopeError::Path(format!(

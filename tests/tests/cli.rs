@@ -625,6 +625,26 @@ async fn a_url_given_as_the_path_is_refused_with_the_path_to_give() {
     let out = d.till(&["call", "echo", "GET", "https://elsewhere.example/a/b?c=d"]);
     let err = text(&out.stderr);
     assert!(err.contains("give the path /a/b?c=d"), "{err}");
+    // The hint quotes what the caller sent: never a master credential (the refusal goes into the
+    // trail too), and never more than a path may be.
+    let leaky = format!("https://elsewhere.example/a?key={SECRET}");
+    let out = d.till(&["call", "echo", "GET", &leaky]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stderr).contains(SECRET));
+    let long = format!("https://elsewhere.example/{}", "a".repeat(100_000));
+    let out = d.till(&["call", "echo", "GET", &long]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).len() < 1_000,
+        "{}",
+        text(&out.stderr).len()
+    );
+    let trail = d.audit_text();
+    assert!(!trail.contains(SECRET));
+    assert!(
+        trail.lines().all(|l| l.len() < 20_000),
+        "a long line in the trail"
+    );
     assert_eq!(up.hits(), 0);
 }
 

@@ -352,7 +352,17 @@ fn multipart_method_field(content_type: &str, body: &[u8]) -> bool {
 /// The path to give for a whole URL given as the path (an agent copies one from an answer, such
 /// as GitHub's next-page link): what follows the named service's base URL when the URL is under it,
 /// else the URL's own path and query. Only a hint in the refusal: a URL is never taken as a path.
+/// The refusal is quoted in the trail, so no hint longer than a path may be, nor one that holds a
+/// master credential (it is refused for what it is, without one).
 fn path_in_url(b: &Broker, t: &CallTarget<'_>) -> Option<String> {
+    if t.path.len() > RequestPath::MAX_LEN
+        || b.served()
+            .services
+            .values()
+            .any(|s| s.scrubber.contains(t.path.as_bytes()))
+    {
+        return None;
+    }
     let url = reqwest::Url::parse(t.path).ok()?;
     if !matches!(url.scheme(), "http" | "https") {
         return None;
