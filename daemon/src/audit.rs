@@ -381,6 +381,45 @@ fn tail_file(
     max_bytes: usize,
     judge: impl Fn(&str) -> Scan,
 ) -> std::io::Result<Vec<String>> {
+    tail_file_with(path, n, max_bytes, judge, |_| {})
+}
+
+/// [`tail_file`], calling `between(i)` after the file at `i` (0: the current one) is read: the
+/// tests rotate the trail there.
+///
+/// One rotation while this reads is harmless: the file read first is found again as `.1` and
+/// skipped. Two would put the lines of a file newer than the first behind its lines. So when the
+/// current file is no longer the one read first, it reads again. A rotation comes once per
+/// `audit_max_bytes` of trail, so the second reading finds them still.
+fn tail_file_with(
+    path: &Path,
+    n: usize,
+    max_bytes: usize,
+    judge: impl Fn(&str) -> Scan,
+    mut between: impl FnMut(u32),
+) -> std::io::Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    const ATTEMPTS: u32 = 3;
+    for _ in 0..ATTEMPTS {
+        let (lines, first) = tail_once(path, n, max_bytes, &judge, &mut between)?;
+        let now = std::fs::metadata(path)?;
+        if (now.dev(), now.ino()) == first {
+            return Ok(lines);
+        }
+    }
+    Err(std::io::Error::other(
+        "the audit trail kept rotating while it was read",
+    ))
+}
+
+/// One reading of [`tail_file_with`]: the lines, and the file it read first.
+fn tail_once(
+    path: &Path,
+    n: usize,
+    max_bytes: usize,
+    judge: &impl Fn(&str) -> Scan,
+    between: &mut impl FnMut(u32),
+) -> std::io::Result<(Vec<String>, (u64, u64))> {
     use std::os::unix::fs::MetadataExt;
     let mut kept = Kept {
         lines: Vec::new(),
@@ -407,12 +446,14 @@ fn tail_file(
             continue;
         }
         seen.push((meta.dev(), meta.ino()));
-        if !tail_one(&file, meta.len(), &judge, &mut kept)? {
+        let more = tail_one(&file, meta.len(), judge, &mut kept)?;
+        between(i);
+        if !more {
             break;
         }
     }
     kept.lines.reverse();
-    Ok(kept.lines)
+    Ok((kept.lines, seen[0]))
 }
 
 /// The lines [`tail_file`] keeps, newest first, and its limits.
@@ -709,6 +750,48 @@ mod tests {
         std::fs::remove_file(format!("{}.1", path.display())).expect("rm");
         let got = tail_file(&path, usize::MAX, usize::MAX, |_| Scan::Keep).expect("tail");
         assert_eq!(got.len(), 10);
+    }
+
+    /// Two rotations while a follower reads: the lines still come back in order, none twice,
+    /// none missing. (Read once, the file written after the first rotation came back as older
+    /// than the file read first.)
+    #[test]
+    fn tail_survives_two_rotations_during_a_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let rotated = |n: u32| format!("{}.{n}", path.display());
+        let lines = |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
+        std::fs::write(rotated(1), lines(0, 100)).expect("write");
+        std::fs::write(&path, lines(100, 200)).expect("write");
+        let rotate = |next: String| {
+            for n in (1..3).rev() {
+                let _ = std::fs::rename(rotated(n), rotated(n + 1));
+            }
+            std::fs::rename(&path, rotated(1)).expect("rename");
+            std::fs::write(&path, next).expect("write");
+        };
+        let mut rotations = 0;
+        let got = tail_file_with(
+            &path,
+            usize::MAX,
+            usize::MAX,
+            |_| Scan::Keep,
+            |i| {
+                // After the current file is read: two rotations before the next is opened.
+                if i == 0 && rotations == 0 {
+                    rotations += 1;
+                    rotate(lines(200, 250));
+                    rotate(lines(250, 300));
+                }
+            },
+        )
+        .expect("tail");
+        let num = |l: &String| l.parse::<u32>().expect("number");
+        assert_eq!(rotations, 1);
+        assert_eq!(
+            got.iter().map(num).collect::<Vec<_>>(),
+            (0..300).collect::<Vec<_>>()
+        );
     }
 
     fn trail(n: u64) -> String {
