@@ -31,7 +31,7 @@ pub fn services(list: &[ServiceInfo]) {
     }
     for s in list {
         println!(
-            "{}  {}  ({}; at most {} activations and {} per token)",
+            "{}  {}  ({}; a token: at most {} activations, for at most {})",
             s.name,
             s.base_url,
             s.inject,
