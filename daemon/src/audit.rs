@@ -400,11 +400,19 @@ fn tail_file_with(
 ) -> std::io::Result<Vec<String>> {
     use std::os::unix::fs::MetadataExt;
     const ATTEMPTS: u32 = 3;
-    for _ in 0..ATTEMPTS {
-        let (lines, first) = tail_once(path, n, max_bytes, &judge, &mut between)?;
-        let now = std::fs::metadata(path)?;
-        if (now.dev(), now.ino()) == first {
-            return Ok(lines);
+    // Between a rotation's rename and its new file, the current file is briefly missing.
+    let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    for attempt in 1..=ATTEMPTS {
+        let (lines, first) = match tail_once(path, n, max_bytes, &judge, &mut between) {
+            Ok(read) => read,
+            Err(e) if missing(&e) && attempt < ATTEMPTS => continue,
+            Err(e) => return Err(e),
+        };
+        match std::fs::metadata(path) {
+            Ok(now) if (now.dev(), now.ino()) == first => return Ok(lines),
+            Ok(_) => {}
+            Err(e) if missing(&e) => {}
+            Err(e) => return Err(e),
         }
     }
     Err(std::io::Error::other(
@@ -792,6 +800,49 @@ mod tests {
             got.iter().map(num).collect::<Vec<_>>(),
             (0..300).collect::<Vec<_>>()
         );
+    }
+
+    /// A read that lands between a rotation's rename and its new file reads again once the new
+    /// file is there; if it never comes, the read fails instead of answering with what it has.
+    #[test]
+    fn tail_reads_again_when_the_current_file_is_missing() {
+        for created in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.jsonl");
+            let rotated = |n: u32| format!("{}.{n}", path.display());
+            let lines =
+                |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
+            std::fs::write(rotated(1), lines(0, 100)).expect("write");
+            std::fs::write(&path, lines(100, 200)).expect("write");
+            let got = tail_file_with(
+                &path,
+                usize::MAX,
+                usize::MAX,
+                |_| Scan::Keep,
+                |i| {
+                    if i == 0 && !Path::new(&rotated(2)).exists() {
+                        // The rotation's first half: the files shifted, no current file yet.
+                        std::fs::rename(rotated(1), rotated(2)).expect("rename");
+                        std::fs::rename(&path, rotated(1)).expect("rename");
+                    }
+                    if i == 2 && created && !path.exists() {
+                        std::fs::write(&path, lines(200, 210)).expect("write");
+                    }
+                },
+            );
+            if created {
+                let num = |l: &String| l.parse::<u32>().expect("number");
+                assert_eq!(
+                    got.expect("tail").iter().map(num).collect::<Vec<_>>(),
+                    (0..210).collect::<Vec<_>>()
+                );
+            } else {
+                assert_eq!(
+                    got.expect_err("no current file").kind(),
+                    std::io::ErrorKind::NotFound
+                );
+            }
+        }
     }
 
     fn trail(n: u64) -> String {
