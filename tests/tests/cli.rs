@@ -477,6 +477,66 @@ async fn audit_filters_and_follow() {
     );
 }
 
+/// `till audit --follow` outlives a restart of the daemon, as `tail -F` outlives a rotation: it
+/// says so on stderr and goes on after the last line it printed, printing none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_follow_outlives_a_restart() {
+    use std::io::BufRead;
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let tmp = d.keep_dir().expect("dir");
+    let mut follow = d
+        .till_command(&["audit", "--follow", "--json", "--event", "mint"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("follow");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The follower's next mint line, within a deadline (a guard, not a synchronisation).
+    let next_mint = |rx: &std::sync::mpsc::Receiver<String>| {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a line from the follower");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        v["token_id"].as_str().expect("token_id").to_owned()
+    };
+    let minted_id = |out: std::process::Output| {
+        serde_json::from_str::<serde_json::Value>(&text(&out.stdout)).expect("json")["info"]["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    };
+    let first = minted_id(d.till(&["mint", "echo", "--allow", "GET /a", "--json"]));
+    assert_eq!(next_mint(&rx), first);
+
+    assert!(d.terminate().success());
+    let d = TestDaemon::start_in(tmp.path());
+    let second = minted_id(d.till(&["mint", "echo", "--allow", "GET /b", "--json"]));
+    assert_eq!(
+        next_mint(&rx),
+        second,
+        "the first mint came again, or a line was lost"
+    );
+    assert!(
+        follow.try_wait().expect("try_wait").is_none(),
+        "the follower ended"
+    );
+    let _ = follow.kill();
+    let out = follow.wait_with_output().expect("follower");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("lost tilld"), "{stderr}");
+    assert!(stderr.contains("tilld is back"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tilld_dev_is_a_complete_try_it_now() {
     use std::io::BufRead;

@@ -7,7 +7,7 @@ mod output;
 mod tty;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -134,7 +134,8 @@ enum Cmd {
         limit: usize,
         #[arg(long)]
         json: bool,
-        /// Keep printing new events as they are written (Ctrl-C to stop).
+        /// Keep printing new events as they are written (Ctrl-C to stop); a restart of the
+        /// daemon is waited out.
         #[arg(long)]
         follow: bool,
         /// Only events about this token id.
@@ -237,6 +238,22 @@ impl std::error::Error for Failed {}
 
 async fn connect(cli_socket: &Option<PathBuf>) -> Result<Client> {
     Ok(Client::connect(&socket_path(cli_socket.as_deref())).await?)
+}
+
+/// Whether the daemon went away (stopped, restarting), as opposed to refusing.
+fn lost(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io(_) | ClientError::Unreachable { .. })
+}
+
+/// Connects again once the daemon is back, trying twice a second; a refusal ends it.
+async fn reconnect(path: &Path) -> Result<Client> {
+    loop {
+        match Client::connect(path).await {
+            Ok(c) => return Ok(c),
+            Err(e) if lost(&e) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn read_body(data: Option<String>) -> Result<Vec<u8>> {
@@ -477,7 +494,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 ..Default::default()
             };
             loop {
-                let reply = c.audit_query(req.clone()).await?;
+                let reply = match c.audit_query(req.clone()).await {
+                    Ok(reply) => reply,
+                    // As `tail -F` outlives a rotated file, a follower outlives a restart of the
+                    // daemon (an upgrade, `systemctl restart`), saying so on stderr; it goes on
+                    // after the last line it printed.
+                    Err(e) if follow && lost(&e) => {
+                        eprintln!("till: lost tilld ({e}); following on when it is back");
+                        c = reconnect(&socket_path(cli.socket.as_deref())).await?;
+                        eprintln!("till: tilld is back; following on");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if let Some(last) = reply.lines.last() {
                     req.after_seq = serde_json::from_str::<serde_json::Value>(last)
                         .ok()
