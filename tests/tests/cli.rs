@@ -477,6 +477,50 @@ async fn audit_filters_and_follow() {
     );
 }
 
+/// `till completions bash` is a script that bash completes `till` with: subcommands, then each
+/// one's flags. Needs no daemon.
+#[test]
+fn completions_complete_commands_and_flags() {
+    let script = Command::new(bin("till"))
+        .args(["--socket", "/nonexistent/till.sock", "completions", "bash"])
+        .output()
+        .expect("till completions");
+    assert!(script.status.success(), "{}", text(&script.stderr));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("till.bash");
+    std::fs::write(&path, &script.stdout).expect("write");
+    // What bash does on <TAB>: COMP_WORDS and COMP_CWORD set, the function called with the
+    // command, the word being completed and the one before it.
+    let complete = |words: &[&str]| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({}); COMP_CWORD={}; _till till {} {}; echo \"${{COMPREPLY[*]}}\"",
+                path.display(),
+                words.join(" "),
+                words.len() - 1,
+                words[words.len() - 1],
+                words[words.len() - 2],
+            ))
+            .output()
+            .expect("bash");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(complete(&["till", "mi"]), "mint");
+    assert_eq!(complete(&["till", "mint", "--u"]), "--uses");
+    let audit = complete(&["till", "audit", "--"]);
+    assert!(audit.split(' ').any(|f| f == "--follow"), "{audit}");
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(bin("till"))
+            .args(["completions", shell])
+            .output()
+            .expect("till completions");
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("rotate-signing-key"), "{shell}");
+    }
+}
+
 /// `till audit --follow` outlives a restart of the daemon, as `tail -F` outlives a rotation: it
 /// says so on stderr and goes on after the last line it printed, printing none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,6 +176,9 @@ enum Cmd {
         #[arg(long = "key", env = "TILL_PUBKEY", allow_hyphen_values = true)]
         keys: Vec<String>,
     },
+    /// Print a completion script for a shell, e.g.
+    /// `till completions bash > ~/.local/share/bash-completion/completions/till`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -566,6 +569,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "till", &mut std::io::stdout());
+        }
         Cmd::Mcp { mcp_socket, relay } => {
             let native = socket_path(cli.socket.as_deref());
             mcp::run(&mcp::mcp_socket_path(mcp_socket.as_deref(), &native), relay).await?;
