@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs Till as a system service: binaries in /usr/local/bin, a `till` user that alone can read the
-# keys, a `till-agents` group whose members may use the sockets, the units, and an example config.
+# keys, a `till-agents` group whose members may use the sockets, the units, an example config and
+# bash completion for `till`.
 # Run as root from a checkout. Safe to run again (nothing existing is overwritten but the binaries
 # and the units).
 set -euo pipefail
@@ -20,6 +21,9 @@ install -m 0644 systemd/tilld.tmpfiles /etc/tmpfiles.d/till.conf
 systemd-tmpfiles --create /etc/tmpfiles.d/till.conf
 if [ ! -e /etc/till/till.toml ]; then
   install -m 0640 -g till examples/system-till.toml /etc/till/till.toml
+fi
+if [ -d /usr/share/bash-completion/completions ]; then
+  /usr/local/bin/till completions bash > /usr/share/bash-completion/completions/till
 fi
 systemctl daemon-reload
 
