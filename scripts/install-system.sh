@@ -3,7 +3,7 @@
 # keys, a `till-agents` group whose members may use the sockets, the units, an example config and
 # bash completion for `till`.
 # Run as root from a checkout. Safe to run again (nothing existing is overwritten but the binaries
-# and the units).
+# the units and the completion).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (sudo $0)" >&2; exit 1; }
