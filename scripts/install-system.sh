@@ -2,8 +2,8 @@
 # Installs Till as a system service: binaries in /usr/local/bin, a `till` user that alone can read the
 # keys, a `till-agents` group whose members may use the sockets, the units, an example config and
 # bash completion for `till`.
-# Run as root from a checkout. Safe to run again (nothing existing is overwritten but the binaries
-# the units and the completion).
+# Run as root from a checkout. Safe to run again (nothing existing is overwritten but the binaries,
+# the units and the completion script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (sudo $0)" >&2; exit 1; }
