@@ -563,13 +563,26 @@ async fn audit_follow_outlives_a_restart() {
     assert_eq!(next_mint(&rx), first);
 
     assert!(d.terminate().success());
-    let d = TestDaemon::start_in(tmp.path());
+    let mut d = TestDaemon::start_in(tmp.path());
     let second = minted_id(d.till(&["mint", "echo", "--allow", "GET /b", "--json"]));
     assert_eq!(
         next_mint(&rx),
         second,
         "the first mint came again, or a line was lost"
     );
+
+    // Back with a trail that starts again (its file removed while the daemon was down): its
+    // lines are new, though their numbers are lower than the last one printed.
+    assert!(d.terminate().success());
+    std::fs::remove_file(&d.audit).expect("remove the trail");
+    let d = TestDaemon::start_in(tmp.path());
+    let third = minted_id(d.till(&["mint", "echo", "--allow", "GET /c", "--json"]));
+    assert_eq!(
+        next_mint(&rx),
+        third,
+        "the new trail's mint was not printed"
+    );
+
     assert!(
         follow.try_wait().expect("try_wait").is_none(),
         "the follower ended"
@@ -579,6 +592,7 @@ async fn audit_follow_outlives_a_restart() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("lost tilld"), "{stderr}");
     assert!(stderr.contains("tilld is back"), "{stderr}");
+    assert!(stderr.contains("this is another trail"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,6 +243,13 @@ async fn connect(cli_socket: &Option<PathBuf>) -> Result<Client> {
     Ok(Client::connect(&socket_path(cli_socket.as_deref())).await?)
 }
 
+/// An audit line's `seq`.
+fn seq(line: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v["seq"].as_u64())
+}
+
 /// Whether the daemon went away (stopped, restarting), as opposed to refusing.
 fn lost(e: &ClientError) -> bool {
     matches!(e, ClientError::Io(_) | ClientError::Unreachable { .. })
@@ -506,14 +513,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         eprintln!("till: lost tilld ({e}); following on when it is back");
                         c = reconnect(&socket_path(cli.socket.as_deref())).await?;
                         eprintln!("till: tilld is back; following on");
+                        // A trail whose newest line comes before the last one printed is not the
+                        // one followed (a new `audit_log`, a fresh state): all of it is new.
+                        let newest = c
+                            .audit_query(till_protocol::AuditRequest {
+                                limit: Some(1),
+                                ..Default::default()
+                            })
+                            .await?;
+                        if let (Some(last), Some(newest)) =
+                            (req.after_seq, newest.lines.last().and_then(|l| seq(l)))
+                            && newest < last
+                        {
+                            eprintln!(
+                                "till: this is another trail (its newest line is {newest}, the last one printed was {last}); following it from its first line"
+                            );
+                            req.after_seq = Some(0);
+                        }
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 };
                 if let Some(last) = reply.lines.last() {
-                    req.after_seq = serde_json::from_str::<serde_json::Value>(last)
-                        .ok()
-                        .and_then(|v| v["seq"].as_u64());
+                    req.after_seq = seq(last);
                 }
                 if json {
                     for l in &reply.lines {
