@@ -270,6 +270,11 @@ impl Audit {
             .open(path)
             .with_context(|| format!("cannot open the audit trail {}", path.display()))?;
         let (seq, prev) = last_link(&mut file)?;
+        if ends_cut_short(&file)? {
+            // The next line starts on a line of its own, after the cut one (which stays, and
+            // `till audit verify` names it).
+            file.write_all(b"\n")?;
+        }
         Ok(Audit {
             writer: Arc::new(Mutex::new(Writer {
                 path: path.to_owned(),
@@ -551,6 +556,11 @@ fn tail_one(
 }
 
 /// Finds the seq and hash of the last complete line, to continue the chain after a restart.
+///
+/// Read as bytes: the last 64 KiB may start inside a multi-byte character (a note in Japanese),
+/// which a read into a `String` refuses, and that refusal would stop tilld from starting. A last
+/// line without its newline was cut short (a crash, a full disk) and is not a link: the chain
+/// goes on from the line before it.
 fn last_link(file: &mut File) -> Result<(u64, String)> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
@@ -558,10 +568,16 @@ fn last_link(file: &mut File) -> Result<(u64, String)> {
     }
     let start = len.saturating_sub(64 * 1024);
     file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail)?;
-    let last = tail.lines().rev().find(|l| !l.trim().is_empty());
-    let parsed = last.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let complete = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &tail[..end],
+        None => &[][..],
+    };
+    let last = complete
+        .rsplit(|&b| b == b'\n')
+        .find(|l| !l.trim_ascii().is_empty());
+    let parsed = last.and_then(|l| serde_json::from_slice::<serde_json::Value>(l).ok());
     match parsed {
         Some(v) => {
             let seq = v["seq"].as_u64().unwrap_or(0);
@@ -573,6 +589,18 @@ fn last_link(file: &mut File) -> Result<(u64, String)> {
             Ok((0, GENESIS.into()))
         }
     }
+}
+
+/// Whether the file's last byte is not a newline: its last line was cut short.
+fn ends_cut_short(file: &File) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8];
+    file.read_exact_at(&mut last, len - 1)?;
+    Ok(last[0] != b'\n')
 }
 
 /// Serialises one event into its chained line. Returns the line (with newline) and its hash.
@@ -843,6 +871,59 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The trail's last 64 KiB may begin inside a multi-byte character: the chain still goes on
+    /// from the last line. (Read into a `String`, that window was refused, and tilld did not
+    /// start.) A last line cut short is not a link.
+    #[test]
+    fn last_link_reads_any_window_and_skips_a_cut_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        let mut prev = GENESIS.to_string();
+        let mut text = String::new();
+        let mut seq = 0;
+        while text.len() < 100 * 1024 {
+            seq += 1;
+            let e = Event {
+                reason: Some("日本語のメモ".repeat(10)),
+                ..Event::default()
+            };
+            let (line, hash) = chain_line(seq, EventKind::Mint, &e, &prev, None);
+            text.push_str(&line);
+            prev = hash;
+        }
+        // Pad the last line until the window's first byte is inside a character.
+        let mut pad = 0;
+        let bytes = loop {
+            let e = Event {
+                reason: Some("x".repeat(pad)),
+                ..Event::default()
+            };
+            let (line, hash) = chain_line(seq + 1, EventKind::Mint, &e, &prev, None);
+            let all = format!("{text}{line}");
+            if all.as_bytes()[all.len() - 64 * 1024] & 0xC0 == 0x80 {
+                break (all.into_bytes(), hash);
+            }
+            pad += 1;
+        };
+        let (all, last_hash) = bytes;
+        std::fs::write(&path, &all).expect("write");
+        let mut file = File::open(&path).expect("open");
+        assert_eq!(
+            last_link(&mut file).expect("last link"),
+            (seq + 1, last_hash.clone())
+        );
+        // A line cut short after it: the chain goes on from the last whole line.
+        let mut cut = all;
+        cut.extend_from_slice(b"{\"seq\":");
+        std::fs::write(&path, &cut).expect("write");
+        let mut file = File::open(&path).expect("open");
+        assert_eq!(
+            last_link(&mut file).expect("last link"),
+            (seq + 1, last_hash)
+        );
+        assert!(ends_cut_short(&file).expect("read"));
     }
 
     fn trail(n: u64) -> String {
