@@ -6,7 +6,8 @@
 //! refusals in that window are counted, not logged one by one, so a flood cannot fill the disk),
 //! `canary` (a token minted as a tripwire was presented), `holder_mismatch` (a token spent by
 //! another uid than the one that minted it), `credential_in_request` (a request carried a master
-//! credential Till holds).
+//! credential Till holds), `trail_discontinuity` (at start, the audit trail did not reach where
+//! tilld left it: see `audit::Head`; raised by the daemon itself, so never a revocation).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +20,9 @@ use crate::broker::{Broker, now_secs};
 use crate::peer::{Peer, UNKNOWN_UID};
 
 const WINDOW_SECS: u64 = 10;
+
+/// The alert for a trail cut back or replaced while tilld was stopped.
+pub const TRAIL_DISCONTINUITY: &str = "trail_discontinuity";
 
 #[derive(Default)]
 struct Window {

@@ -149,6 +149,8 @@ impl Event {
 
 /// A checkpoint is written after this many events (and by a timer, and at start and stop).
 pub const CHECKPOINT_EVERY: u64 = 100;
+/// The trail's head ([`Head`]), in the state directory.
+const HEAD_FILE: &str = "audit.head";
 
 struct Writer {
     path: PathBuf,
@@ -161,6 +163,8 @@ struct Writer {
     prev: String,
     signer: ed25519_dalek::SigningKey,
     since_checkpoint: u64,
+    /// Where the last checkpoint is remembered (see [`Head`]); `None` in unit tests.
+    head: Option<File>,
 }
 
 impl Writer {
@@ -226,7 +230,9 @@ impl Writer {
                 reason,
                 ..Event::default()
             },
-        )
+        )?;
+        self.remember_head();
+        Ok(())
     }
 
     fn checkpoint(&mut self) -> Result<(), String> {
@@ -240,24 +246,109 @@ impl Writer {
                 reason,
                 ..Event::default()
             },
-        )
+        )?;
+        self.remember_head();
+        Ok(())
     }
+
+    /// Records the line just written as the trail's head. A failure is logged, not returned: the
+    /// event is in the trail, and the next checkpoint tries again.
+    fn remember_head(&mut self) {
+        let Some(file) = &self.head else { return };
+        let head = Head {
+            path: self.path.display().to_string(),
+            seq: self.seq,
+            hash: self.prev.clone(),
+        };
+        if let Err(e) = head.write(file) {
+            tracing::warn!(error = %e, "could not record the audit trail's head");
+        }
+    }
+}
+
+/// The trail's head as of the last checkpoint, kept in the state directory. At the next start the
+/// trail must still reach it: a trail cut back or removed while tilld was stopped does not, and
+/// then the new lines continue the chain from the head (so `till audit verify` reports the gap)
+/// and an alert says what happened. Whoever can rewrite the state directory as well is not
+/// stopped by this; someone who can only edit the log directory, or a log rotator, is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct Head {
+    path: String,
+    seq: u64,
+    hash: String,
+}
+
+impl Head {
+    /// The record's size on disk: one write at offset 0, padded, so it never shrinks and is
+    /// rewritten in place (a small write within one page, no rename).
+    const SIZE: usize = 4096;
+
+    fn write(&self, file: &File) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        if buf.len() >= Self::SIZE {
+            return Err(std::io::Error::other(
+                "the trail's path is too long to record",
+            ));
+        }
+        buf.resize(Self::SIZE, b' ');
+        buf[Self::SIZE - 1] = b'\n';
+        file.write_all_at(&buf, 0)
+    }
+
+    /// The recorded head, if there is one and it reads.
+    fn read(file: &File) -> Option<Head> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; Self::SIZE];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        serde_json::from_slice(buf[..n].trim_ascii()).ok()
+    }
+}
+
+/// Whether the trail at `path`, whose last line is `(seq, hash)`, still holds `head`: its line
+/// numbered `head.seq`, with that hash (lines after it are events written after the last
+/// checkpoint, before a crash).
+fn reaches(path: &Path, last: (u64, &str), head: &Head) -> std::io::Result<bool> {
+    if last.0 < head.seq {
+        return Ok(false);
+    }
+    if last.0 == head.seq {
+        return Ok(last.1 == head.hash);
+    }
+    let seq_hash = |l: &str| {
+        let v = serde_json::from_str::<serde_json::Value>(l).ok()?;
+        Some((v["seq"].as_u64()?, v["hash"].as_str()?.to_owned()))
+    };
+    let found = tail_file(path, 1, usize::MAX, |l| match seq_hash(l) {
+        Some((s, _)) if s > head.seq => Scan::Skip,
+        Some((s, _)) if s == head.seq => Scan::Keep,
+        _ => Scan::Stop,
+    })?;
+    Ok(found
+        .first()
+        .and_then(|l| seq_hash(l))
+        .is_some_and(|(_, h)| h == head.hash))
 }
 
 #[derive(Clone)]
 pub struct Audit {
     writer: Arc<Mutex<Writer>>,
     path: PathBuf,
+    /// Set at open when the trail did not reach its recorded head: what happened, for the alert
+    /// and for `till status`.
+    discontinuity: Option<Arc<str>>,
 }
 
 impl Audit {
     /// Opens the trail for appending, continuing the chain from its last line.
-    /// `max_bytes`: rotate past this size (0: never); `keep`: rotated files kept.
+    /// `max_bytes`: rotate past this size (0: never); `keep`: rotated files kept; `state_dir`:
+    /// where the trail's head is remembered (`Head`).
     pub fn open(
         path: &Path,
         signer: ed25519_dalek::SigningKey,
         max_bytes: u64,
         keep: u32,
+        state_dir: &Path,
     ) -> Result<Audit> {
         if let Some(dir) = path.parent() {
             crate::create_private_dir(dir)?;
@@ -269,11 +360,47 @@ impl Audit {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("cannot open the audit trail {}", path.display()))?;
-        let (seq, prev) = last_link(&mut file)?;
+        let (mut seq, mut prev) = last_link(&mut file)?;
         if ends_cut_short(&file)? {
             // The next line starts on a line of its own, after the cut one (which stays, and
             // `till audit verify` names it).
             file.write_all(b"\n")?;
+        }
+        let head_path = state_dir.join(HEAD_FILE);
+        let head_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&head_path)
+            .with_context(|| format!("cannot open {}", head_path.display()))?;
+        let mut discontinuity = None;
+        match Head::read(&head_file) {
+            Some(head) if head.path != path.display().to_string() => {
+                // The config names another file now: a trail of its own, chained from its start.
+                tracing::warn!(
+                    was = %head.path,
+                    now = %path.display(),
+                    "the audit trail moved; the new one is a chain of its own"
+                );
+            }
+            Some(head) if !reaches(path, (seq, &prev), &head)? => {
+                let what = format!(
+                    "the audit trail {} does not reach where tilld left it (line {} at its last \
+                     checkpoint; the file now ends at line {seq}): lines were removed, or the file \
+                     was replaced, while tilld was stopped. Its new lines continue from line {}, so \
+                     `till audit verify` shows the gap. If a log rotator moved the file, set \
+                     audit_max_bytes and let tilld rotate it instead",
+                    path.display(),
+                    head.seq,
+                    head.seq,
+                );
+                tracing::error!("{what}");
+                discontinuity = Some(Arc::from(what));
+                (seq, prev) = (head.seq, head.hash);
+            }
+            _ => {}
         }
         Ok(Audit {
             writer: Arc::new(Mutex::new(Writer {
@@ -286,9 +413,16 @@ impl Audit {
                 prev,
                 signer,
                 since_checkpoint: 0,
+                head: Some(head_file),
             })),
             path: path.to_owned(),
+            discontinuity,
         })
+    }
+
+    /// What [`Audit::open`] found if the trail did not reach its recorded head.
+    pub fn discontinuity(&self) -> Option<&str> {
+        self.discontinuity.as_deref()
     }
 
     /// Appends an event; returns once its line is written. Lines never interleave: numbering,
@@ -924,6 +1058,82 @@ mod tests {
             (seq + 1, last_hash)
         );
         assert!(ends_cut_short(&file).expect("read"));
+    }
+
+    /// The head remembered in the state directory: a restart on the same trail continues it; a
+    /// trail cut back or removed while the daemon was down is reported, and its new lines chain
+    /// from the head, so the chain shows the gap; lines written after the last checkpoint (a
+    /// crash) and a trail moved by the config are not a discontinuity.
+    #[test]
+    fn a_trail_cut_back_or_removed_while_stopped_is_found_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("state");
+        let path = dir.path().join("audit.jsonl");
+        let key = || ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let open = |p: &Path| Audit::open(p, key(), 0, 1, &state).expect("open");
+        let mint = |a: &Audit, n: u32| {
+            for i in 0..n {
+                let e = Event {
+                    token_id: Some(format!("t{i}")),
+                    ..Event::default()
+                };
+                a.record(EventKind::Mint, e).expect("record");
+            }
+        };
+        let stop = |a: Audit| {
+            a.record(EventKind::Stop, Event::default()).expect("stop");
+        };
+        let chain = |p: &Path| verify_chain(&std::fs::read_to_string(p).expect("read"));
+
+        // A first life, then a restart: continued.
+        let a = open(&path);
+        assert!(a.discontinuity().is_none());
+        a.record(EventKind::Start, Event::default()).expect("start");
+        mint(&a, 3);
+        stop(a);
+        let first_life = std::fs::read_to_string(&path).expect("read");
+        let a = open(&path);
+        assert!(a.discontinuity().is_none());
+        mint(&a, 2);
+        stop(a);
+        assert_eq!(chain(&path), Ok(11));
+
+        // A crash: lines after the last checkpoint. Still continued.
+        let a = open(&path);
+        mint(&a, 2);
+        drop(a);
+        let a = open(&path);
+        assert!(a.discontinuity().is_none());
+        stop(a);
+        assert_eq!(chain(&path), Ok(15));
+
+        // Cut back to the end of the first life while stopped: found, and the chain shows where.
+        std::fs::write(&path, &first_life).expect("cut");
+        let a = open(&path);
+        let what = a.discontinuity().expect("a discontinuity").to_owned();
+        assert!(what.contains("line 15 at its last checkpoint"), "{what}");
+        assert!(what.contains("ends at line 7"), "{what}");
+        stop(a);
+        assert_eq!(chain(&path).map_err(|e| e.0), Err(8));
+        // And told once: the next start finds the trail where this one left it.
+        let a = open(&path);
+        assert!(a.discontinuity().is_none());
+        stop(a);
+
+        // Removed while stopped: the new file's first line does not start a chain.
+        std::fs::remove_file(&path).expect("rm");
+        let a = open(&path);
+        assert!(a.discontinuity().is_some());
+        stop(a);
+        assert_eq!(chain(&path).map_err(|e| e.0), Err(1));
+
+        // The config names another file: a trail of its own, not a discontinuity.
+        let moved = dir.path().join("elsewhere.jsonl");
+        let a = open(&moved);
+        assert!(a.discontinuity().is_none());
+        stop(a);
+        assert_eq!(chain(&moved), Ok(2));
     }
 
     fn trail(n: u64) -> String {

@@ -172,6 +172,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
         audit_key,
         cfg.audit_max_bytes,
         cfg.audit_keep,
+        &cfg.state_dir,
     )?;
     let socket = cfg.socket.clone();
     let broker = Broker::new(loaded, keyring, store, audit.clone(), records)?;
@@ -190,6 +191,15 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
             },
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(what) = audit.discontinuity() {
+        alerts::raise(
+            &broker,
+            alerts::TRAIL_DISCONTINUITY,
+            &Peer::daemon(),
+            None,
+            what.to_owned(),
+        );
+    }
 
     for w in broker.stale_keys() {
         tracing::warn!("{w}");

@@ -30,6 +30,25 @@ fn lines_with(trail: &str, needle: &str) -> usize {
     trail.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// The JSON the alert command wrote to `dir/alert.json`, once it is whole (the command runs in
+/// the background: this polls for its output, up to a deadline).
+async fn alert_from_command(dir: &std::path::Path) -> serde_json::Value {
+    let path = dir.join("alert.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the alert command never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
     match r {
         Err(ClientError::Refused { code, .. }) => code,
@@ -149,22 +168,7 @@ async fn a_canary_raises_an_alert_and_revokes_the_presenters_tokens() {
     assert_eq!(up.hits(), 1);
 
     // The alert command got the alert's JSON.
-    let path = tmp.path().join("alert.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let alert = loop {
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && text.ends_with('}')
-        {
-            break text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the alert command never ran"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    let v: serde_json::Value = serde_json::from_str(&alert).expect("alert JSON");
-    assert_eq!(v["alert"], "canary");
+    assert_eq!(alert_from_command(tmp.path()).await["alert"], "canary");
 
     // A loop presenting it raises no more alerts for a while (no process, webhook call or trail
     // line per try), but the revocation still holds for tokens minted meanwhile.
@@ -499,4 +503,63 @@ async fn the_alert_command_never_sees_a_key_from_the_environment() {
     ] {
         assert!(!env.contains(gone), "{gone} reached the alert command");
     }
+}
+
+/// Lines cut off the trail while tilld was stopped are found at the next start: an alert (in the
+/// trail and to the alert command), a warning in `till status`, and `till audit verify` names
+/// the line after the gap, because the new lines chain from where the daemon left off. A clean
+/// restart raises nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_cut_back_while_stopped_is_found_at_the_next_start() {
+    let up = Upstream::start(None).await;
+    let (tmp, mut d) = daemon_with(
+        &up,
+        "command = \"cat > {dir}/alert.tmp && mv {dir}/alert.tmp {dir}/alert.json\"",
+    );
+    assert!(d.terminate().success());
+    let first_life = d.audit_text();
+    let warnings = |d: &TestDaemon| {
+        let out = d.till(&["status", "--json"]);
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        v["warnings"].as_array().expect("warnings").clone()
+    };
+
+    // A clean restart, then events someone would rather were not in the trail.
+    let mut d = TestDaemon::start_in(tmp.path());
+    assert_eq!(warnings(&d), Vec::<serde_json::Value>::new());
+    d.mint("echo", "GET /a", 1).await;
+    d.mint("echo", "GET /b", 1).await;
+    assert!(d.terminate().success());
+    assert_eq!(lines_with(&d.audit_text(), "\"event\":\"alert\""), 0);
+    std::fs::write(&d.audit, &first_life).expect("cut the trail back");
+
+    let d = TestDaemon::start_in(tmp.path());
+    let w = warnings(&d);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].as_str()
+            .is_some_and(|s| s.contains("does not reach where tilld left it")),
+        "{w:?}"
+    );
+    let trail = d.audit_text();
+    assert_eq!(
+        lines_with(&trail, "\"reason\":\"trail_discontinuity: the audit trail"),
+        1,
+        "{trail}"
+    );
+    let out = d.till(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let after_gap = first_life.lines().count() + 1;
+    assert!(
+        stderr.contains(&format!("line {after_gap}: the chain breaks here")),
+        "{stderr}"
+    );
+
+    // The alert command got it too.
+    assert_eq!(
+        alert_from_command(tmp.path()).await["alert"],
+        "trail_discontinuity"
+    );
 }

@@ -571,10 +571,14 @@ async fn audit_follow_outlives_a_restart() {
         "the first mint came again, or a line was lost"
     );
 
-    // Back with a trail that starts again (its file removed while the daemon was down): its
-    // lines are new, though their numbers are lower than the last one printed.
+    // Back with another trail (the config now names another file, which starts a chain of its
+    // own): its lines are new, though their numbers are lower than the last one printed.
     assert!(d.terminate().success());
-    std::fs::remove_file(&d.audit).expect("remove the trail");
+    let config = tmp.path().join("till.toml");
+    let before = std::fs::read_to_string(&config).expect("config");
+    let moved = before.replace("/audit.jsonl\"", "/audit-2.jsonl\"");
+    assert_ne!(moved, before);
+    std::fs::write(&config, moved).expect("config");
     let d = TestDaemon::start_in(tmp.path());
     let third = minted_id(d.till(&["mint", "echo", "--allow", "GET /c", "--json"]));
     assert_eq!(
