@@ -385,6 +385,7 @@ impl Audit {
                     "the audit trail moved; the new one is a chain of its own"
                 );
             }
+            Some(head) if rotated_at(path, &head)? => (seq, prev) = (head.seq, head.hash),
             Some(head) if !reaches(path, (seq, &prev), &head)? => {
                 let what = format!(
                     "the audit trail {} does not reach where tilld left it (line {} at its last \
@@ -723,6 +724,19 @@ fn last_link(file: &mut File) -> Result<(u64, String)> {
             Ok((0, GENESIS.into()))
         }
     }
+}
+
+/// Whether the current file is empty and `.1` ends at `head`: a crash between a rotation's rename
+/// and the first line of its new file. The chain goes on from the head, and nothing is missing.
+fn rotated_at(path: &Path, head: &Head) -> std::io::Result<bool> {
+    if std::fs::metadata(path)?.len() > 0 {
+        return Ok(false);
+    }
+    let Ok(mut previous) = File::open(format!("{}.1", path.display())) else {
+        return Ok(false);
+    };
+    let (seq, hash) = last_link(&mut previous).map_err(std::io::Error::other)?;
+    Ok(seq == head.seq && hash == head.hash)
 }
 
 /// Whether the file's last byte is not a newline: its last line was cut short.
@@ -1108,11 +1122,26 @@ mod tests {
         stop(a);
         assert_eq!(chain(&path), Ok(15));
 
+        // A crash between a rotation's rename and its new file's first line: nothing is missing.
+        let a = open(&path);
+        stop(a);
+        let whole = std::fs::read_to_string(&path).expect("read");
+        let rotated = format!("{}.1", path.display());
+        std::fs::rename(&path, &rotated).expect("rename");
+        std::fs::write(&path, "").expect("empty");
+        let a = open(&path);
+        assert!(a.discontinuity().is_none());
+        stop(a);
+        let both = whole + &std::fs::read_to_string(&path).expect("read");
+        assert_eq!(verify_chain(&both), Ok(19));
+        std::fs::write(&path, &both).expect("put back");
+        std::fs::remove_file(&rotated).expect("rm");
+
         // Cut back to the end of the first life while stopped: found, and the chain shows where.
         std::fs::write(&path, &first_life).expect("cut");
         let a = open(&path);
         let what = a.discontinuity().expect("a discontinuity").to_owned();
-        assert!(what.contains("line 15 at its last checkpoint"), "{what}");
+        assert!(what.contains("line 19 at its last checkpoint"), "{what}");
         assert!(what.contains("ends at line 7"), "{what}");
         stop(a);
         assert_eq!(chain(&path).map_err(|e| e.0), Err(8));
