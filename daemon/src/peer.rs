@@ -92,15 +92,22 @@ impl Peer {
 }
 
 /// A process's supplementary groups (`Groups:` in `/proc/<pid>/status`).
+///
+/// Read as bytes: the file's `Name:` line is the executable's name cut to 15 bytes, which can end
+/// inside a multi-byte character (`abcdefghijklmné`), and a read into a `String` then fails,
+/// which lost every group, and with them the `[[peers]]` rules by group.
 fn groups_of(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
+    let Ok(status) = std::fs::read(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Groups:"))
+        .map(|g| {
+            String::from_utf8_lossy(g)
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
         })
         .unwrap_or_default()
 }

@@ -39,8 +39,20 @@ fn inheritable_dup(fd: i32) -> i32 {
 }
 
 fn till_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, args: &[&str]) -> Output {
+    run_as(&bin("till"), uid, gid, groups, socket, args)
+}
+
+/// `till` (or a copy of it at `exe`) as another uid, with that gid and supplementary groups.
+fn run_as(
+    exe: &std::path::Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    socket: &std::path::Path,
+    args: &[&str],
+) -> Output {
     let groups = groups.to_vec();
-    let mut cmd = Command::new(bin("till"));
+    let mut cmd = Command::new(exe);
     cmd.arg("--socket")
         .arg(socket)
         .args(args)
@@ -130,6 +142,25 @@ async fn socket_activation_group_access_admin_and_peer_limits() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The same agent through a client whose process name, cut to 15 bytes by the kernel, ends
+    // inside a character (`/proc/PID/status` is then not UTF-8): still in its group.
+    let odd = dir.join("till-agent-abcé");
+    std::fs::copy(bin("till"), &odd).expect("copy till");
+    std::fs::set_permissions(&odd, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = run_as(
+        &odd,
+        AGENT_UID,
+        AGENT_UID,
+        &[AGENTS_GID],
+        &d.socket,
+        &["mint", "echo", "--allow", "GET /x"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent(&["mint", "echo", "--allow", "GET /x"]);
     let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let out = agent(&["call", "echo", "GET", "/x", "--token", &token]);
     assert!(
