@@ -507,11 +507,16 @@ fn build(file: FileConfig, uid: u32) -> Result<Config> {
 
 /// A group's id from `/etc/group` (no NSS: the daemon's config names local groups).
 fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name)
-            .then(|| f.nth(1)?.parse().ok())
+    group_id_in(&std::fs::read("/etc/group").ok()?, name)
+}
+
+/// The same from the file's bytes: a line in another encoding (a member's name in Latin-1)
+/// must not hide every group, as a read into a `String` did.
+fn group_id_in(text: &[u8], name: &str) -> Option<u32> {
+    text.split(|&b| b == b'\n').find_map(|l| {
+        let mut f = l.split(|&b| b == b':');
+        (f.next()? == name.as_bytes())
+            .then(|| std::str::from_utf8(f.nth(1)?).ok()?.parse().ok())
             .flatten()
     })
 }
@@ -701,6 +706,15 @@ fn build_inject(i: &InjectSection) -> Result<Inject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line that is not UTF-8 hides no other group.
+    #[test]
+    fn group_ids_are_read_past_a_line_in_another_encoding() {
+        let text = b"root:x:0:\nstaff:x:50:jos\xe9\ntill-agents:x:998:alice\n";
+        assert_eq!(group_id_in(text, "till-agents"), Some(998));
+        assert_eq!(group_id_in(text, "staff"), Some(50));
+        assert_eq!(group_id_in(text, "nobody-here"), None);
+    }
 
     #[test]
     fn spec_example_parses() {
