@@ -237,6 +237,20 @@ async fn walkthrough_start_mint_call_inspect_revoke() {
         let err = text(&out.stderr);
         assert!(err.contains(&format!("line {bad_line}:")), "{name}: {err}");
     }
+    // A byte that is not UTF-8 (a damaged disk block, a line cut inside a character): its line
+    // is named, the file is not refused whole.
+    let mut damaged = (lines.join("\n") + "\n").into_bytes();
+    let in_line_3 = lines[0].len() + lines[1].len() + 2 + 10;
+    damaged[in_line_3] = 0xFF;
+    let path = d.dir.join("damaged.jsonl");
+    std::fs::write(&path, damaged).expect("write");
+    let out = d.till(&["audit", "verify", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("line 3:"),
+        "{}",
+        text(&out.stderr)
+    );
     // Verified against another key, the checkpoints are exposed as not the daemon's.
     let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
         ed25519_dalek::SigningKey::from_bytes(&[3; 32])

@@ -467,10 +467,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .collect::<Result<Vec<_>>>()?;
             let mut text = String::new();
             for f in &files {
-                text.push_str(
-                    &std::fs::read_to_string(f)
-                        .with_context(|| format!("cannot read {}", f.display()))?,
-                );
+                // Bytes that are not UTF-8 (a line cut short inside a character, or damaged)
+                // become U+FFFD, so the check names their line instead of refusing the file.
+                let bytes =
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                text.push_str(&String::from_utf8_lossy(&bytes));
             }
             match till_protocol::audit::verify_trail(&text, &keys) {
                 Ok(r) => println!(
