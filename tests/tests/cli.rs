@@ -491,6 +491,41 @@ async fn audit_filters_and_follow() {
     );
 }
 
+/// `till … | head`: when stdout's reader has gone, `till` ends quietly with status 0, as `cat`
+/// does (std's `println!` panicked: "failed printing to stdout: Broken pipe"). A call still says
+/// how it went on stderr; a follower stops instead of polling for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_ends_till_quietly() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    d.mint("echo", "GET /a", 1).await;
+    let closed_stdout = || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        writer
+    };
+    for args in [
+        &["tokens"][..],
+        &["audit", "--json"],
+        &["audit", "--follow", "--json"],
+        &["status", "--json"],
+        &["completions", "bash"],
+        &["call", "echo", "GET", "/gone"],
+    ] {
+        let out = d
+            .till_command(args)
+            .stdout(closed_stdout())
+            .output()
+            .expect("till");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if args[0] == "call" {
+            assert!(stderr.contains("HTTP 200"), "{stderr}");
+        }
+    }
+}
+
 /// `till completions bash` is a script that bash completes `till` with: subcommands, then each
 /// one's flags. Needs no daemon.
 #[test]

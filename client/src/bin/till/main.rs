@@ -2,6 +2,18 @@
 //!
 //! Exit codes: 0 success, 1 refused or failed, 2 usage error (clap), 3 the daemon cannot be reached.
 
+/// `println!` for this binary, here before the modules so that it is theirs too: when stdout's
+/// reader has gone (`till audit --json | head`), `till` ends quietly with status 0, as `cat` does,
+/// where std's `println!` panics ("failed printing to stdout: Broken pipe").
+macro_rules! println {
+    () => {
+        $crate::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod mcp;
 mod output;
 mod tty;
@@ -239,6 +251,36 @@ impl std::fmt::Display for Failed {
 }
 impl std::error::Error for Failed {}
 
+/// What [`println!`] does: one line to stdout.
+fn stdout_line(args: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+    quit_on_broken_pipe(written);
+}
+
+/// Ends the process quietly (status 0) when stdout's reader has gone; any other failure to write
+/// is said on stderr (status 1).
+fn quit_on_broken_pipe(written: std::io::Result<()>) {
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("till: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// A reply's body to stdout. A reader that has gone is not an error: the call happened, and
+/// its status line (stderr) and exit status still say how.
+fn body_to_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written,
+    }
+}
+
 async fn connect(cli_socket: &Option<PathBuf>) -> Result<Client> {
     Ok(Client::connect(&socket_path(cli_socket.as_deref())).await?)
 }
@@ -369,10 +411,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     head.push_str(&format!("{k}: {v}\n"));
                 }
                 head.push('\n');
-                std::io::stdout().write_all(head.as_bytes())?;
+                body_to_stdout(head.as_bytes())?;
             }
-            std::io::stdout().write_all(&reply.body)?;
-            std::io::stdout().flush()?;
+            body_to_stdout(&reply.body)?;
             eprintln!(
                 "HTTP {} (token {}, {} activation(s) left)",
                 reply.status, reply.token_id, reply.activations_remaining
@@ -552,7 +593,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     break;
                 }
-                std::io::stdout().flush()?;
+                quit_on_broken_pipe(std::io::stdout().flush());
                 // Polling the daemon twice a second is plenty for a person watching.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 req.limit = Some(100_000);
@@ -594,7 +635,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Verify { token, keys } => return verify(&cli.socket, &token, keys).await,
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "till", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "till", &mut script);
+            quit_on_broken_pipe(std::io::stdout().write_all(&script));
         }
         Cmd::Mcp { mcp_socket, relay } => {
             let native = socket_path(cli.socket.as_deref());
