@@ -40,5 +40,5 @@ Installed. Next:
         -p User=till tilld --check --config /etc/till/till.toml)
   3. Start it:                 systemctl enable --now tilld.socket tilld.service
   4. Let a developer in:       usermod -aG till-agents alice   (then log in again)
-     and they use it with:     export TILL_SOCKET=/run/till/till.sock; till status
+     and they use it with:     till status   (it finds /run/till/till.sock by itself)
 NEXT

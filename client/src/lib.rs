@@ -77,7 +77,9 @@ impl ClientError {
     }
 }
 
-/// `--socket`, else `$TILL_SOCKET`, else the default path for this user.
+/// `--socket`, else `$TILL_SOCKET`, else the default path for this user; and when nothing is
+/// there but the system service's socket is, that one (as the docker CLI finds the system
+/// daemon): a member of `till-agents` needs no `TILL_SOCKET`.
 pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_owned();
@@ -85,7 +87,21 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("TILL_SOCKET").filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
-    till_protocol::paths::default_socket(current_uid())
+    own_or_system(
+        till_protocol::paths::default_socket(current_uid()),
+        Path::new(SYSTEM_SOCKET),
+    )
+}
+
+/// Where the system service (`systemd/tilld.socket`) puts its socket.
+pub const SYSTEM_SOCKET: &str = "/run/till/till.sock";
+
+fn own_or_system(own: PathBuf, system: &Path) -> PathBuf {
+    if own.exists() || !system.exists() {
+        own
+    } else {
+        system.to_owned()
+    }
 }
 
 #[allow(unsafe_code)]

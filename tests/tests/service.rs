@@ -39,24 +39,27 @@ fn inheritable_dup(fd: i32) -> i32 {
 }
 
 fn till_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, args: &[&str]) -> Output {
-    run_as(&bin("till"), uid, gid, groups, socket, args)
+    run_as(&bin("till"), uid, gid, groups, Some(socket), args)
 }
 
-/// `till` (or a copy of it at `exe`) as another uid, with that gid and supplementary groups.
+/// `till` (or a copy of it at `exe`) as another uid, with that gid and supplementary groups;
+/// without `socket`, it finds the socket itself (no `--socket`, no `TILL_SOCKET`).
 fn run_as(
     exe: &std::path::Path,
     uid: u32,
     gid: u32,
     groups: &[u32],
-    socket: &std::path::Path,
+    socket: Option<&std::path::Path>,
     args: &[&str],
 ) -> Output {
     let groups = groups.to_vec();
     let mut cmd = Command::new(exe);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("TILL_TOKEN");
+    if let Some(socket) = socket {
+        cmd.arg("--socket").arg(socket);
+    }
+    cmd.args(args)
+        .env_remove("TILL_TOKEN")
+        .env_remove("TILL_SOCKET");
     #[allow(unsafe_code)]
     // SAFETY: between fork and exec, only async-signal-safe calls that allocate nothing: groups,
     // then gid, then uid (std's own uid/gid would run before this and drop the right to setgroups).
@@ -152,7 +155,7 @@ async fn socket_activation_group_access_admin_and_peer_limits() {
         AGENT_UID,
         AGENT_UID,
         &[AGENTS_GID],
-        &d.socket,
+        Some(&d.socket),
         &["mint", "echo", "--allow", "GET /x"],
     );
     assert!(
@@ -181,6 +184,75 @@ async fn socket_activation_group_access_admin_and_peer_limits() {
             .success()
     );
     assert!(d.till(&["audit"]).status.success());
+}
+
+/// A member of the agents' group reaches the system service with no `--socket` and no
+/// `TILL_SOCKET`: nothing is at its own default socket (under `XDG_RUNTIME_DIR`), and `till`
+/// then uses `/run/till/till.sock`, as the docker CLI finds the system daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_finds_the_system_service_without_being_told() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create /run/till and run a client as another uid");
+        return;
+    }
+    let run_till = std::path::Path::new("/run/till");
+    if run_till.exists() {
+        eprintln!("skipped: /run/till exists (a Till system service on this machine)");
+        return;
+    }
+    /// Removes `/run/till` however the test ends.
+    struct Cleanup;
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all("/run/till");
+        }
+    }
+    std::fs::create_dir(run_till).expect("create /run/till");
+    let _cleanup = Cleanup;
+    std::fs::set_permissions(run_till, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let text = standard_config(dir, &up.url(), "admin_uids = [0]").replace(
+        &format!("socket = \"{}/till.sock\"", dir.display()),
+        "socket = \"/run/till/till.sock\"",
+    );
+    assert!(text.contains("socket = \"/run/till/till.sock\""));
+    std::fs::write(dir.join("till.toml"), text).expect("config");
+    let (_keep1, fd1) = activated_socket(&run_till.join("till.sock"));
+    let (_keep2, fd2) = activated_socket(&run_till.join("mcp.sock"));
+    let d = TestDaemon::start_activated(dir, &[fd1, fd2]);
+
+    let runtime = tempfile::tempdir().expect("runtime dir");
+    let mut cmd = Command::new(bin("till"));
+    cmd.args(["status", "--json"])
+        .env_remove("TILL_SOCKET")
+        .env("XDG_RUNTIME_DIR", runtime.path());
+    let groups = [AGENTS_GID];
+    #[allow(unsafe_code)]
+    // SAFETY: as in `run_as`: setgroups, setgid, setuid between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(AGENT_UID) != 0
+                || libc::setuid(AGENT_UID) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("till status as the agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(v["socket"], "/run/till/till.sock");
+    drop(d);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
