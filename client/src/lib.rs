@@ -93,6 +93,35 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
     )
 }
 
+/// The `/tmp/till-UID` default (no `XDG_RUNTIME_DIR`) is a directory any local user may make
+/// first and put a socket of their own in, to read the tokens and keys sent to it: it must be
+/// this user's or root's, and not writable by everyone, as tilld also checks.
+fn refuse_a_squatted_tmp_dir(path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = current_uid();
+    if path != till_protocol::paths::shared_tmp_socket(uid) {
+        return Ok(());
+    }
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(()); // Not there: connecting fails, and says so.
+    };
+    let why = if meta.file_type().is_symlink() {
+        Some("it is a symbolic link, which tilld never makes".to_owned())
+    } else {
+        till_protocol::paths::unfit_dir(meta.uid(), meta.mode(), uid)
+    };
+    match why {
+        Some(why) => Err(ClientError::Unreachable {
+            path: path.to_owned(),
+            reason: format!("not connecting, since {} is unsafe: {why}", dir.display()),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Where the system service (`systemd/tilld.socket`) puts its socket.
 pub const SYSTEM_SOCKET: &str = "/run/till/till.sock";
 
@@ -139,6 +168,7 @@ macro_rules! expect {
 impl Client {
     /// Connects and exchanges `hello`.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        refuse_a_squatted_tmp_dir(path)?;
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| ClientError::Unreachable {

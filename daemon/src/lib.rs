@@ -69,16 +69,44 @@ pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}…[{} bytes]", &s[..end], s.len()))
 }
 
-/// Creates `dir` (and parents) 0700 if it does not exist. An existing directory is left as it is.
+/// Creates `dir` (and parents) 0700 if it does not exist. An existing one is used only if it is fit
+/// for a socket or secrets: this uid's or root's, and not writable by everyone.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
-    if dir.as_os_str().is_empty() || dir.exists() {
+    use std::os::unix::fs::MetadataExt;
+    if dir.as_os_str().is_empty() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))
+    // A directory that is already there must be fit for a socket or secrets (see
+    // `till_protocol::paths::unfit_dir`); a symbolic link too, and what it points to.
+    let mut checked = Vec::new();
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        Ok(m) if m.file_type().is_symlink() => {
+            checked.push(m);
+            checked.push(
+                std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?,
+            );
+        }
+        Ok(m) => checked.push(m),
+    }
+    let uid = sys::uid();
+    for m in checked {
+        if let Some(why) = till_protocol::paths::unfit_dir(m.uid(), m.mode(), uid) {
+            anyhow::bail!(
+                "refusing to use {}: {why}. Remove it (tilld makes its own), or set \
+                 XDG_RUNTIME_DIR, or name a directory of yours in till.toml",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Tells systemd (or a test) that the daemon is ready, when `$NOTIFY_SOCKET` is set.

@@ -845,3 +845,53 @@ async fn revoke_by_service_and_all() {
     );
     assert_eq!(c.tokens(false).await.expect("tokens").tokens.len(), 0);
 }
+
+/// tilld does not put its socket in a directory that anyone may write to, or that another user
+/// owns: they could have made it first (the `/tmp/till-UID` default, when `XDG_RUNTIME_DIR` is
+/// unset, is a name anyone can take) and swap the socket for theirs. It says why and does not
+/// start. A sticky directory, as `/tmp` is, is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_others_control_is_refused() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    let config = till_tests::standard_config(tmp.path(), &up.url(), "").replace(
+        &format!("socket = \"{}/till.sock\"", tmp.path().display()),
+        &format!("socket = \"{}/till.sock\"", open.display()),
+    );
+    assert!(config.contains(&format!("{}/till.sock", open.display())));
+    std::fs::write(tmp.path().join("till.toml"), config).expect("config");
+    let chmod = |mode: u32| {
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+
+    chmod(0o777);
+    let err = TestDaemon::try_start_in(tmp.path())
+        .err()
+        .expect("refused: anyone may write to the socket's directory");
+    assert!(
+        err.contains("refusing to use") && err.contains("mode 777"),
+        "{err}"
+    );
+    assert!(!open.join("till.sock").exists());
+
+    let is_root =
+        std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if is_root {
+        chmod(0o700);
+        std::os::unix::fs::chown(&open, Some(43212), None).expect("chown");
+        let err = TestDaemon::try_start_in(tmp.path())
+            .err()
+            .expect("refused: another user's directory");
+        assert!(err.contains("belongs to uid 43212"), "{err}");
+        std::os::unix::fs::chown(&open, Some(0), None).expect("chown back");
+    }
+
+    chmod(0o1777);
+    let _d = TestDaemon::start_in(tmp.path());
+    let mut c = Client::connect(&open.join("till.sock"))
+        .await
+        .expect("served in a sticky directory");
+    c.status().await.expect("status");
+}

@@ -52,7 +52,6 @@ fn run_as(
     socket: Option<&std::path::Path>,
     args: &[&str],
 ) -> Output {
-    let groups = groups.to_vec();
     let mut cmd = Command::new(exe);
     if let Some(socket) = socket {
         cmd.arg("--socket").arg(socket);
@@ -60,6 +59,13 @@ fn run_as(
     cmd.args(args)
         .env_remove("TILL_TOKEN")
         .env_remove("TILL_SOCKET");
+    as_user(&mut cmd, uid, gid, groups);
+    cmd.output().expect("run till as another uid")
+}
+
+/// Makes `cmd` run as `uid`, with `gid` and the supplementary `groups`.
+fn as_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32]) {
+    let groups = groups.to_vec();
     #[allow(unsafe_code)]
     // SAFETY: between fork and exec, only async-signal-safe calls that allocate nothing: groups,
     // then gid, then uid (std's own uid/gid would run before this and drop the right to setgroups).
@@ -74,7 +80,6 @@ fn run_as(
             Ok(())
         });
     }
-    cmd.output().expect("run till as another uid")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,20 +235,7 @@ async fn an_agent_finds_the_system_service_without_being_told() {
     cmd.args(["status", "--json"])
         .env_remove("TILL_SOCKET")
         .env("XDG_RUNTIME_DIR", runtime.path());
-    let groups = [AGENTS_GID];
-    #[allow(unsafe_code)]
-    // SAFETY: as in `run_as`: setgroups, setgid, setuid between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(AGENT_UID) != 0
-                || libc::setuid(AGENT_UID) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    as_user(&mut cmd, AGENT_UID, AGENT_UID, &[AGENTS_GID]);
     let out = cmd.output().expect("till status as the agent");
     assert!(
         out.status.success(),
@@ -253,6 +245,65 @@ async fn an_agent_finds_the_system_service_without_being_told() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     assert_eq!(v["socket"], "/run/till/till.sock");
     drop(d);
+}
+
+/// Without `XDG_RUNTIME_DIR`, the default socket is `/tmp/till-UID/till.sock`, a directory any
+/// local user may make first, with a listener of their own in it to read what `till` sends
+/// (tokens, a new key for `till rotate`). `till` does not connect through a directory that is
+/// another user's or that anyone may write to.
+#[test]
+fn till_does_not_connect_through_a_squatted_tmp_directory() {
+    if !is_root() {
+        eprintln!("skipped: needs root to make a directory as another user and run till as one");
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!("/tmp/till-{AGENT_UID}"));
+    /// Removes the directory however the test ends.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).expect("mkdir");
+    let _cleanup = Cleanup(dir.clone());
+    // The squatter's listener, where the agent's `till` would connect: it takes each connection
+    // and hangs up (it could as well read what comes).
+    let listener =
+        std::os::unix::net::UnixListener::bind(dir.join("till.sock")).expect("squatter's socket");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    std::fs::set_permissions(
+        dir.join("till.sock"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .expect("chmod socket");
+    let agent_status = || {
+        let mut cmd = Command::new(bin("till"));
+        cmd.arg("status")
+            .env_remove("TILL_SOCKET")
+            .env_remove("XDG_RUNTIME_DIR");
+        as_user(&mut cmd, AGENT_UID, AGENT_UID, &[]);
+        cmd.output().expect("till status as the agent")
+    };
+    for (owner, mode, why) in [
+        (OUTSIDER_UID, 0o755, "belongs to uid"),
+        (AGENT_UID, 0o777, "anyone may write to it"),
+    ] {
+        std::os::unix::fs::chown(&dir, Some(owner), None).expect("chown");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = agent_status();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("not connecting") && stderr.contains(why),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
