@@ -94,15 +94,14 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// The `/tmp/till-UID` default (no `XDG_RUNTIME_DIR`) is a directory any local user may make
-/// first and put a socket of their own in, to read the tokens and keys sent to it: it must be
-/// this user's or root's, and not writable by everyone, as tilld also checks.
-fn refuse_a_squatted_tmp_dir(path: &Path) -> Result<(), ClientError> {
+/// first and put a socket of their own in, to read the tokens and keys sent to it: a socket
+/// there (`till.sock`, `mcp.sock`) is connected to only if the directory is this user's or
+/// root's, and not writable by everyone, as tilld also checks.
+pub fn refuse_a_squatted_tmp_dir(path: &Path) -> Result<(), ClientError> {
     use std::os::unix::fs::MetadataExt;
     let uid = current_uid();
-    if path != till_protocol::paths::shared_tmp_socket(uid) {
-        return Ok(());
-    }
-    let Some(dir) = path.parent() else {
+    let shared = till_protocol::paths::shared_tmp_socket(uid);
+    let Some(dir) = path.parent().filter(|d| Some(*d) == shared.parent()) else {
         return Ok(());
     };
     let Ok(meta) = std::fs::symlink_metadata(dir) else {

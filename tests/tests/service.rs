@@ -268,27 +268,31 @@ fn till_does_not_connect_through_a_squatted_tmp_directory() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).expect("mkdir");
     let _cleanup = Cleanup(dir.clone());
-    // The squatter's listener, where the agent's `till` would connect: it takes each connection
-    // and hangs up (it could as well read what comes).
-    let listener =
-        std::os::unix::net::UnixListener::bind(dir.join("till.sock")).expect("squatter's socket");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            drop(conn);
-        }
-    });
-    std::fs::set_permissions(
-        dir.join("till.sock"),
-        std::fs::Permissions::from_mode(0o777),
-    )
-    .expect("chmod socket");
-    let agent_status = || {
+    // The squatter's listeners, where the agent's `till` and `till mcp` would connect: each
+    // counts the connections it gets and hangs up (it could as well read what comes).
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for name in ["till.sock", "mcp.sock"] {
+        let listener =
+            std::os::unix::net::UnixListener::bind(dir.join(name)).expect("squatter's socket");
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod socket");
+        let connections = connections.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+    }
+    let agent = |args: &[&str]| {
         let mut cmd = Command::new(bin("till"));
-        cmd.arg("status")
+        cmd.args(args)
             .env_remove("TILL_SOCKET")
-            .env_remove("XDG_RUNTIME_DIR");
+            .env_remove("TILL_MCP_SOCKET")
+            .env_remove("XDG_RUNTIME_DIR")
+            .stdin(std::process::Stdio::null());
         as_user(&mut cmd, AGENT_UID, AGENT_UID, &[]);
-        cmd.output().expect("till status as the agent")
+        cmd.output().expect("till as the agent")
     };
     for (owner, mode, why) in [
         (OUTSIDER_UID, 0o755, "belongs to uid"),
@@ -296,14 +300,27 @@ fn till_does_not_connect_through_a_squatted_tmp_directory() {
     ] {
         std::os::unix::fs::chown(&dir, Some(owner), None).expect("chown");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        let out = agent_status();
+        let out = agent(&["status"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{stderr}");
         assert!(
             stderr.contains("not connecting") && stderr.contains(why),
             "{stderr}"
         );
+        // `till mcp` tells the agent host instead (its tools say why), and ends when the host
+        // hangs up: here at once, stdin being empty.
+        let out = agent(&["mcp"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("not connecting") && stderr.contains(why),
+            "{stderr}"
+        );
     }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "till connected to the squatter's socket"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

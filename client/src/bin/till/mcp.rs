@@ -26,6 +26,9 @@ pub fn mcp_socket_path(explicit: Option<&Path>, native: &Path) -> PathBuf {
 }
 
 pub async fn run(path: &Path, relay_only: bool) -> anyhow::Result<()> {
+    if let Err(e) = till_client::refuse_a_squatted_tmp_dir(path) {
+        return offline(format!("Till cannot be used safely: {e}")).await;
+    }
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => {
             let path = path.to_owned();
@@ -51,12 +54,17 @@ pub async fn run(path: &Path, relay_only: bool) -> anyhow::Result<()> {
                  then try again.",
                 path.display()
             );
-            eprintln!("till mcp: {reason}");
-            let running = Offline::new(reason).serve(rmcp::transport::stdio()).await?;
-            running.waiting().await?;
-            Ok(())
+            offline(reason).await
         }
     }
+}
+
+/// Serves the agent host an MCP server whose every tool says `reason`, until it hangs up.
+async fn offline(reason: String) -> anyhow::Result<()> {
+    eprintln!("till mcp: {reason}");
+    let running = Offline::new(reason).serve(rmcp::transport::stdio()).await?;
+    running.waiting().await?;
+    Ok(())
 }
 
 /// Whether stdin and stdout are pipes or sockets, the kinds the daemon can serve directly.
