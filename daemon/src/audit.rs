@@ -163,8 +163,8 @@ struct Writer {
     prev: String,
     signer: ed25519_dalek::SigningKey,
     since_checkpoint: u64,
-    /// Where the last checkpoint is remembered (see [`Head`]); `None` in unit tests.
-    head: Option<File>,
+    /// Where the last checkpoint is remembered (see [`Head`]).
+    head: File,
 }
 
 impl Writer {
@@ -254,13 +254,12 @@ impl Writer {
     /// Records the line just written as the trail's head. A failure is logged, not returned: the
     /// event is in the trail, and the next checkpoint tries again.
     fn remember_head(&mut self) {
-        let Some(file) = &self.head else { return };
         let head = Head {
             path: self.path.display().to_string(),
             seq: self.seq,
             hash: self.prev.clone(),
         };
-        if let Err(e) = head.write(file) {
+        if let Err(e) = head.write(&self.head) {
             tracing::warn!(error = %e, "could not record the audit trail's head");
         }
     }
@@ -414,7 +413,7 @@ impl Audit {
                 prev,
                 signer,
                 since_checkpoint: 0,
-                head: Some(head_file),
+                head: head_file,
             })),
             path: path.to_owned(),
             discontinuity,
