@@ -201,16 +201,15 @@ impl Writer {
     /// `keep` is deleted) and starts a new file with a checkpoint that continues the chain.
     fn rotate(&mut self) -> Result<(), String> {
         self.checkpoint()?;
-        let rotated = |n: u32| PathBuf::from(format!("{}.{n}", self.path.display()));
-        let _ = std::fs::remove_file(rotated(self.keep));
+        let _ = std::fs::remove_file(rotated(&self.path, self.keep));
         for n in (1..self.keep).rev() {
-            let _ = std::fs::rename(rotated(n), rotated(n + 1));
+            let _ = std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1));
         }
         let fail = |e: std::io::Error| {
             tracing::error!(error = %e, "audit rotation failed");
             "the audit trail could not be rotated".to_string()
         };
-        std::fs::rename(&self.path, rotated(1)).map_err(fail)?;
+        std::fs::rename(&self.path, rotated(&self.path, 1)).map_err(fail)?;
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -582,7 +581,7 @@ fn tail_once(
         let file = if i == 0 {
             File::open(path)?
         } else {
-            match File::open(format!("{}.{i}", path.display())) {
+            match File::open(rotated(path, i)) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(e),
@@ -725,13 +724,18 @@ fn last_link(file: &mut File) -> Result<(u64, String)> {
     }
 }
 
+/// The trail's `n`th rotated file: `path.n`, `.1` the newest.
+fn rotated(path: &Path, n: u32) -> PathBuf {
+    PathBuf::from(format!("{}.{n}", path.display()))
+}
+
 /// Whether the current file is empty and `.1` ends at `head`: a crash between a rotation's rename
 /// and the first line of its new file. The chain goes on from the head, and nothing is missing.
 fn rotated_at(path: &Path, head: &Head) -> std::io::Result<bool> {
     if std::fs::metadata(path)?.len() > 0 {
         return Ok(false);
     }
-    let Ok(mut previous) = File::open(format!("{}.1", path.display())) else {
+    let Ok(mut previous) = File::open(rotated(path, 1)) else {
         return Ok(false);
     };
     let (seq, hash) = last_link(&mut previous).map_err(std::io::Error::other)?;
@@ -899,22 +903,27 @@ mod tests {
         }
     }
 
+    /// Lines `from..to`, each its own number: a stand-in trail whose order shows.
+    fn numbered(from: u32, to: u32) -> String {
+        (from..to).map(|i| format!("{i}\n")).collect()
+    }
+
+    /// The numbers of lines from [`numbered`].
+    fn numbers(lines: &[String]) -> Vec<u32> {
+        lines.iter().map(|l| l.parse().expect("number")).collect()
+    }
+
     /// Lines rotated into `.1` and `.2` are read after the current file's, newest first, as
     /// if the three were one file; a follower's window reaches back into them.
     #[test]
     fn tail_reads_on_into_the_rotated_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.jsonl");
-        let lines = |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
-        std::fs::write(format!("{}.2", path.display()), lines(0, 100)).expect("write");
-        std::fs::write(format!("{}.1", path.display()), lines(100, 250)).expect("write");
-        std::fs::write(&path, lines(250, 260)).expect("write");
-        let num = |l: &String| l.parse::<u32>().expect("number");
+        std::fs::write(rotated(&path, 2), numbered(0, 100)).expect("write");
+        std::fs::write(rotated(&path, 1), numbered(100, 250)).expect("write");
+        std::fs::write(&path, numbered(250, 260)).expect("write");
         let got = tail_file(&path, 200, usize::MAX, |_| Scan::Keep).expect("tail");
-        assert_eq!(
-            got.iter().map(num).collect::<Vec<_>>(),
-            (60..260).collect::<Vec<_>>()
-        );
+        assert_eq!(numbers(&got), (60..260).collect::<Vec<_>>());
         let got = tail_file(&path, usize::MAX, usize::MAX, |_| Scan::Keep).expect("tail");
         assert_eq!(got.len(), 260);
         let after_240 = |l: &str| {
@@ -925,12 +934,9 @@ mod tests {
             }
         };
         let got = tail_file(&path, usize::MAX, usize::MAX, after_240).expect("tail");
-        assert_eq!(
-            got.iter().map(num).collect::<Vec<_>>(),
-            (241..260).collect::<Vec<_>>()
-        );
+        assert_eq!(numbers(&got), (241..260).collect::<Vec<_>>());
         // The rotated files are numbered without gaps: after a missing `.1`, `.2` is not read.
-        std::fs::remove_file(format!("{}.1", path.display())).expect("rm");
+        std::fs::remove_file(rotated(&path, 1)).expect("rm");
         let got = tail_file(&path, usize::MAX, usize::MAX, |_| Scan::Keep).expect("tail");
         assert_eq!(got.len(), 10);
     }
@@ -942,15 +948,13 @@ mod tests {
     fn tail_survives_two_rotations_during_a_read() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.jsonl");
-        let rotated = |n: u32| format!("{}.{n}", path.display());
-        let lines = |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
-        std::fs::write(rotated(1), lines(0, 100)).expect("write");
-        std::fs::write(&path, lines(100, 200)).expect("write");
+        std::fs::write(rotated(&path, 1), numbered(0, 100)).expect("write");
+        std::fs::write(&path, numbered(100, 200)).expect("write");
         let rotate = |next: String| {
             for n in (1..3).rev() {
-                let _ = std::fs::rename(rotated(n), rotated(n + 1));
+                let _ = std::fs::rename(rotated(&path, n), rotated(&path, n + 1));
             }
-            std::fs::rename(&path, rotated(1)).expect("rename");
+            std::fs::rename(&path, rotated(&path, 1)).expect("rename");
             std::fs::write(&path, next).expect("write");
         };
         let mut rotations = 0;
@@ -963,18 +967,14 @@ mod tests {
                 // After the current file is read: two rotations before the next is opened.
                 if i == 0 && rotations == 0 {
                     rotations += 1;
-                    rotate(lines(200, 250));
-                    rotate(lines(250, 300));
+                    rotate(numbered(200, 250));
+                    rotate(numbered(250, 300));
                 }
             },
         )
         .expect("tail");
-        let num = |l: &String| l.parse::<u32>().expect("number");
         assert_eq!(rotations, 1);
-        assert_eq!(
-            got.iter().map(num).collect::<Vec<_>>(),
-            (0..300).collect::<Vec<_>>()
-        );
+        assert_eq!(numbers(&got), (0..300).collect::<Vec<_>>());
     }
 
     /// A read that lands between a rotation's rename and its new file reads again once the new
@@ -984,33 +984,26 @@ mod tests {
         for created in [true, false] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("t.jsonl");
-            let rotated = |n: u32| format!("{}.{n}", path.display());
-            let lines =
-                |from: u32, to: u32| (from..to).map(|i| format!("{i}\n")).collect::<String>();
-            std::fs::write(rotated(1), lines(0, 100)).expect("write");
-            std::fs::write(&path, lines(100, 200)).expect("write");
+            std::fs::write(rotated(&path, 1), numbered(0, 100)).expect("write");
+            std::fs::write(&path, numbered(100, 200)).expect("write");
             let got = tail_file_with(
                 &path,
                 usize::MAX,
                 usize::MAX,
                 |_| Scan::Keep,
                 |i| {
-                    if i == 0 && !Path::new(&rotated(2)).exists() {
+                    if i == 0 && !rotated(&path, 2).exists() {
                         // The rotation's first half: the files shifted, no current file yet.
-                        std::fs::rename(rotated(1), rotated(2)).expect("rename");
-                        std::fs::rename(&path, rotated(1)).expect("rename");
+                        std::fs::rename(rotated(&path, 1), rotated(&path, 2)).expect("rename");
+                        std::fs::rename(&path, rotated(&path, 1)).expect("rename");
                     }
                     if i == 2 && created && !path.exists() {
-                        std::fs::write(&path, lines(200, 210)).expect("write");
+                        std::fs::write(&path, numbered(200, 210)).expect("write");
                     }
                 },
             );
             if created {
-                let num = |l: &String| l.parse::<u32>().expect("number");
-                assert_eq!(
-                    got.expect("tail").iter().map(num).collect::<Vec<_>>(),
-                    (0..210).collect::<Vec<_>>()
-                );
+                assert_eq!(numbers(&got.expect("tail")), (0..210).collect::<Vec<_>>());
             } else {
                 assert_eq!(
                     got.expect_err("no current file").kind(),
@@ -1125,7 +1118,7 @@ mod tests {
         let a = open(&path);
         stop(a);
         let whole = std::fs::read_to_string(&path).expect("read");
-        let rotated = format!("{}.1", path.display());
+        let rotated = rotated(&path, 1);
         std::fs::rename(&path, &rotated).expect("rename");
         std::fs::write(&path, "").expect("empty");
         let a = open(&path);
