@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 pub mod gateway;
 pub mod handlers;
+pub mod handoff;
 pub mod journal;
 pub mod links;
 pub mod mcp;

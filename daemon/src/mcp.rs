@@ -359,15 +359,17 @@ pub async fn serve(
     .await;
 }
 
-type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
-type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+pub(crate) type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+pub(crate) type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
 /// One connection on `mcp.sock`: either MCP spoken on the socket, or `till mcp` handing over the
 /// agent host's stdin and stdout (`SCM_RIGHTS`) so the daemon serves the host directly, with no
-/// process relaying bytes in between. The hand-off's connection then stays open as the session's
-/// lifeline: it closes when the session ends, and the session ends if `till mcp` dies.
+/// process relaying bytes in between ([`crate::handoff`]). The hand-off's connection then stays
+/// open as the session's lifeline: the session ends if `till mcp` dies, and the daemon tells
+/// `till mcp` on it how the session ended.
 async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: CancellationToken) {
     use std::os::fd::AsFd;
+    use till_protocol::{MCP_HANDOFF, MCP_RESUME};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let mut first = [0u8; 1];
@@ -393,16 +395,31 @@ async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: 
     if n == 0 {
         return;
     }
-    if first[0] != till_protocol::MCP_HANDOFF {
+    if first[0] != MCP_HANDOFF && first[0] != MCP_RESUME {
         if !fds.is_empty() {
             tracing::debug!("descriptors sent without a hand-off; closing");
             return;
         }
         let (r, w) = stream.into_split();
         let r: Reader = Box::new(std::io::Cursor::new(first).chain(r));
-        serve_until_done(server, r, Box::new(w), std::future::pending(), shutdown).await;
+        serve_until_done(server, r, Box::new(w), shutdown).await;
         return;
     }
+    let resumed = if first[0] == MCP_RESUME {
+        let read = tokio::select! {
+            r = crate::handoff::read_resume(&mut stream) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match read {
+            Ok(r) => Some(r),
+            Err(why) => {
+                let _ = stream.write_all(format!("no: {why}\n").as_bytes()).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let stdio = match <[std::os::fd::OwnedFd; 2]>::try_from(fds) {
         Ok([stdin, stdout]) => stdio_streams(stdin, stdout),
         Err(_) => Err("a hand-off carries exactly two descriptors, stdin and stdout".to_string()),
@@ -412,13 +429,23 @@ async fn session(mut stream: tokio::net::UnixStream, server: TillMcp, shutdown: 
             if stream.write_all(b"ok\n").await.is_err() {
                 return;
             }
-            tracing::debug!("serving an agent host's stdio handed over by `till mcp`");
-            let (mut lifeline, _keep) = stream.into_split();
-            let gone = async move {
-                let mut b = [0u8; 64];
-                while matches!(lifeline.read(&mut b).await, Ok(n) if n > 0) {}
+            let (r, resumed): (Reader, _) = match resumed {
+                Some((client, pending)) => {
+                    tracing::debug!(
+                        pending = pending.len(),
+                        "resuming an agent host's session begun with an earlier daemon"
+                    );
+                    (
+                        Box::new(std::io::Cursor::new(pending).chain(r)),
+                        Some(client),
+                    )
+                }
+                None => {
+                    tracing::debug!("serving an agent host's stdio handed over by `till mcp`");
+                    (r, None)
+                }
             };
-            serve_until_done(server, r, w, gone, shutdown).await;
+            crate::handoff::serve(server, r, w, stream, resumed, shutdown).await;
         }
         Err(why) => {
             let _ = stream.write_all(format!("no: {why}\n").as_bytes()).await;
@@ -461,15 +488,8 @@ fn stdio_streams(
     Ok((r, w))
 }
 
-/// Serves one MCP session until the client leaves, `gone` resolves (the hand-off's lifeline
-/// closed) or the daemon shuts down.
-async fn serve_until_done(
-    server: TillMcp,
-    r: Reader,
-    w: Writer,
-    gone: impl std::future::Future<Output = ()>,
-    shutdown: CancellationToken,
-) {
+/// Serves one MCP session on the socket until the client leaves or the daemon shuts down.
+async fn serve_until_done(server: TillMcp, r: Reader, w: Writer, shutdown: CancellationToken) {
     let running = match server.serve((r, w)).await {
         Ok(r) => r,
         Err(e) => {
@@ -485,7 +505,6 @@ async fn serve_until_done(
             }
         }
         _ = shutdown.cancelled() => ct.cancel(),
-        _ = gone => ct.cancel(),
     }
 }
 

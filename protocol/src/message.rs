@@ -16,6 +16,43 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// starts with it, so any other first byte is a client speaking MCP on the socket itself.
 pub const MCP_HANDOFF: u8 = 0;
 
+/// On `mcp.sock`, the first byte of a resumed hand-off: as [`MCP_HANDOFF`], for a session the host
+/// began with a daemon that has since stopped. One JSON line ([`McpResume`]) and the pending bytes
+/// it counts follow the byte; the daemon serves the session on without waiting for `initialize`.
+pub const MCP_RESUME: u8 = 1;
+
+/// The longest line the daemon reads from an agent host (one JSON-RPC message), and so the most
+/// input a session can leave pending across a restart. rmcp's own stdio limit.
+pub const MCP_MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The longest JSON line on a hand-off's lifeline, the pending bytes not counted.
+pub const MCP_NOTICE_MAX_BYTES: usize = 1024 * 1024;
+
+/// What the daemon says on a hand-off's lifeline after `ok\n`, one JSON line each, so `till mcp`
+/// knows whether the session ended or only this daemon did. A lifeline that closes without
+/// [`McpNotice::End`] (the daemon was killed) means the session can go on with the next daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum McpNotice {
+    /// The host's `initialize` parameters as negotiated, which `till mcp` hands to the next daemon
+    /// on a resume (the host will not send them again).
+    Client { params: serde_json::Value },
+    /// The session is over (the host closed its input, or its pipes failed): `till mcp` exits.
+    End,
+    /// The daemon is stopping with the session open, every request it took answered. `pending`
+    /// raw bytes follow this line: the host's input the daemon read but did not serve, which
+    /// `till mcp` hands to the next daemon.
+    Resume { pending: usize },
+}
+
+/// The line after [`MCP_RESUME`], followed by `pending` raw bytes of the host's input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpResume {
+    /// The host's `initialize` parameters, when a daemon reported them ([`McpNotice::Client`]).
+    pub client: Option<serde_json::Value>,
+    pub pending: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {

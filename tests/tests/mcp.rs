@@ -393,6 +393,95 @@ async fn a_killed_till_mcp_ends_its_session_in_the_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_outlives_a_daemon_restart() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    let (s, relay_pid) = stdio_session_with(&d.socket, &[]).await;
+    let s = std::sync::Arc::new(s);
+    assert_eq!(tool_names(&s).await, TOOLS);
+
+    // A call in flight when the daemon is told to stop is finished, not dropped: the upstream
+    // holds its answer until the daemon is shutting down.
+    let held = tokio::spawn({
+        let s = s.clone();
+        async move {
+            call(
+                &s,
+                "call_api",
+                json!({"service": "echo", "method": "GET", "path": "/stream"}),
+            )
+            .await
+        }
+    });
+    up.wait_hits(1).await;
+    till_tests::signal(&d.child, libc::SIGTERM);
+    d.wait_log("shutting down: finishing requests in flight")
+        .await;
+    up.release();
+    let answer = structured(&held.await.expect("held call"));
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert!(
+        answer.to_string().contains("data: second"),
+        "the whole stream came back: {answer}"
+    );
+    assert!(d.child.wait().expect("wait tilld").success());
+
+    // With no daemon running, the host's next request waits in its pipe...
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { call(&s, "list_services", json!({})).await }
+    });
+    // ...and the next daemon answers it, serving the host's pipes itself again.
+    let d2 = TestDaemon::start_in(&d.dir);
+    let services = structured(&waiting.await.expect("waiting call"));
+    assert!(services.to_string().contains("\"echo\""), "{services}");
+    assert!(holds(d2.child.id(), &fd_target(relay_pid, 0)));
+    let r = structured(
+        &call(
+            &s,
+            "call_api",
+            json!({"service": "echo", "method": "GET", "path": "/after-restart"}),
+        )
+        .await,
+    );
+    assert_eq!(r["status"], 200, "{r}");
+    // The new daemon knows the client from the session's start.
+    let audit = d2.audit_text();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"event\":\"activate\"") && l.contains("/after-restart"))
+        .expect("the activation after the restart");
+    assert!(line.contains("\"client\":\"test-agent\""), "{line}");
+    assert!(!d2.log_text().contains(SECRET));
+    std::sync::Arc::into_inner(s)
+        .expect("no other holder")
+        .cancel()
+        .await
+        .expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_mcp_session_goes_on_and_without_a_daemon_it_says_why() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    let (s, _) = stdio_session_with(&d.socket, &["--wait", "2s"]).await;
+    assert_eq!(tool_names(&s).await, TOOLS);
+    d.kill9();
+    let mut d2 = TestDaemon::start_in(&d.dir);
+    structured(&call(&s, "list_services", json!({})).await);
+    // Stopped for good: once the wait is over, every tool says what happened and what to do.
+    assert!(d2.terminate().success());
+    let msg = refusal(&call(&s, "list_services", json!({})).await);
+    assert!(
+        msg.contains("stopped during this session") && msg.contains("reconnect"),
+        "{msg}"
+    );
+    s.cancel().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_through_till_mcp_relaying_bytes() {
     let up = Upstream::start(None).await;
     let d = TestDaemon::start(&up);

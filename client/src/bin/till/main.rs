@@ -180,6 +180,10 @@ enum Cmd {
         /// Copy bytes between stdio and the socket instead of handing stdio to the daemon.
         #[arg(long)]
         relay: bool,
+        /// How long to wait for a daemon that stopped mid-session (a restart, an upgrade) to
+        /// come back and take the session on, before answering every tool with the reason.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Duration,
     },
     /// Check a token's signature and claims offline.
     Verify {
@@ -639,9 +643,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "till", &mut script);
             quit_on_broken_pipe(std::io::stdout().write_all(&script));
         }
-        Cmd::Mcp { mcp_socket, relay } => {
+        Cmd::Mcp {
+            mcp_socket,
+            relay,
+            wait,
+        } => {
             let native = socket_path(cli.socket.as_deref());
-            mcp::run(&mcp::mcp_socket_path(mcp_socket.as_deref(), &native), relay).await?;
+            let path = mcp::mcp_socket_path(mcp_socket.as_deref(), &native);
+            mcp::run(&path, relay, wait).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
@@ -25,27 +26,24 @@ pub fn mcp_socket_path(explicit: Option<&Path>, native: &Path) -> PathBuf {
     till_client::till_protocol::paths::mcp_socket_beside(native)
 }
 
-pub async fn run(path: &Path, relay_only: bool) -> anyhow::Result<()> {
+pub async fn run(path: &Path, relay_only: bool, wait: Duration) -> anyhow::Result<()> {
     if let Err(e) = till_client::refuse_a_squatted_tmp_dir(path) {
         return offline(format!("Till cannot be used safely: {e}")).await;
     }
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => {
             let path = path.to_owned();
-            tokio::task::spawn_blocking(move || {
-                if !relay_only && stdio_is_pollable() {
-                    match hand_off(&stream) {
-                        Ok(()) => return Ok(()),
-                        Err(e) => {
-                            eprintln!("till mcp: {e}; relaying instead");
-                            return relay(std::os::unix::net::UnixStream::connect(&path)?);
-                        }
-                    }
+            let after = tokio::task::spawn_blocking(move || {
+                if relay_only || !stdio_is_pollable() {
+                    return relay(stream).map(|()| After::Done);
                 }
-                relay(stream)
+                handed(stream, &path, wait)
             })
             .await??;
-            Ok(())
+            match after {
+                After::Done => Ok(()),
+                After::Offline { reason, pending } => offline_resumed(reason, pending).await,
+            }
         }
         Err(e) => {
             let reason = format!(
@@ -59,11 +57,148 @@ pub async fn run(path: &Path, relay_only: bool) -> anyhow::Result<()> {
     }
 }
 
+/// What is left to do once the daemon no longer serves the host.
+enum After {
+    Done,
+    /// The daemon stopped mid-session and none took the session back: answer the host with the
+    /// reason, `pending` (input the daemon read and did not serve) first.
+    Offline {
+        reason: String,
+        pending: Vec<u8>,
+    },
+}
+
+/// Hands stdio to the daemon, and again to the next daemon each time one stops with the session
+/// open (a restart, an upgrade), until the session ends.
+fn handed(
+    stream: std::os::unix::net::UnixStream,
+    path: &Path,
+    wait: Duration,
+) -> std::io::Result<After> {
+    let mut stream = stream;
+    let mut client = None;
+    let mut resume: Option<Vec<u8>> = None;
+    let mut deadline = None;
+    loop {
+        let pending = match hand_off(&stream, resume.as_deref(), &mut client) {
+            Ok(Handed::Ended) => return Ok(After::Done),
+            Ok(Handed::Lost { pending }) => {
+                deadline = None;
+                pending
+            }
+            Err(e) if resume.is_none() => {
+                eprintln!("till mcp: {e}; relaying instead");
+                return relay(std::os::unix::net::UnixStream::connect(path)?).map(|()| After::Done);
+            }
+            Err(HandOffError::Refused(why)) => {
+                let reason = format!(
+                    "Till's daemon restarted but did not take this session back ({why}). Ask \
+                     your user to reconnect Till's MCP server."
+                );
+                return Ok(After::Offline {
+                    reason,
+                    pending: resume.unwrap_or_default(),
+                });
+            }
+            // The connection broke before the daemon answered: it was a daemon on its way
+            // out (its listener outlives its other sockets by a moment), so wait on.
+            Err(HandOffError::Broken(_)) => resume.take().unwrap_or_default(),
+        };
+        if host_left() {
+            return Ok(After::Done);
+        }
+        // One wait per stop: a daemon that accepts and then dies does not extend it.
+        let until = *deadline.get_or_insert_with(|| {
+            eprintln!(
+                "till mcp: the daemon stopped with this session open; waiting up to {} for it \
+                 to come back on {}",
+                humantime::format_duration(wait),
+                path.display()
+            );
+            std::time::Instant::now() + wait
+        });
+        match wait_for_daemon(path, until) {
+            Some(s) => {
+                stream = s;
+                resume = Some(pending);
+            }
+            None => {
+                let reason = format!(
+                    "Till's daemon stopped during this session and has not come back (nothing \
+                     answers on {}). Ask your user to start it (for example `systemctl --user \
+                     start tilld`), then to reconnect Till's MCP server.",
+                    path.display()
+                );
+                return Ok(After::Offline { reason, pending });
+            }
+        }
+    }
+}
+
+/// Tries the daemon's socket twice a second until `until` or the host has left.
+fn wait_for_daemon(
+    path: &Path,
+    until: std::time::Instant,
+) -> Option<std::os::unix::net::UnixStream> {
+    loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
+            return Some(s);
+        }
+        let now = std::time::Instant::now();
+        if now >= until || host_left() {
+            return None;
+        }
+        // Polling, as `tail -F` does: there is nothing to wait on for a socket that is not there.
+        std::thread::sleep(Duration::from_millis(500).min(until - now));
+    }
+}
+
+/// Whether the host has closed its end of stdin with nothing left in it (a pipe says so with
+/// `POLLHUP` alone; for a socket this says no, and the next daemon finds the end itself).
+#[allow(unsafe_code)]
+fn host_left() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & libc::POLLHUP != 0 && fd.revents & libc::POLLIN == 0
+}
+
 /// Serves the agent host an MCP server whose every tool says `reason`, until it hangs up.
 async fn offline(reason: String) -> anyhow::Result<()> {
     eprintln!("till mcp: {reason}");
     let running = Offline::new(reason).serve(rmcp::transport::stdio()).await?;
     running.waiting().await?;
+    Ok(())
+}
+
+/// As [`offline`], for a session the host already initialized with a daemon that is gone.
+async fn offline_resumed(reason: String, pending: Vec<u8>) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    eprintln!("till mcp: {reason}");
+    // The daemon made the host's pipes non-blocking; tokio's stdio reads them with blocking calls.
+    set_blocking(std::io::stdin().as_fd())?;
+    set_blocking(std::io::stdout().as_fd())?;
+    let input = std::io::Cursor::new(pending).chain(tokio::io::stdin());
+    let running =
+        rmcp::service::serve_directly(Offline::new(reason), (input, tokio::io::stdout()), None);
+    running.waiting().await?;
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn set_blocking(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor borrowed for the call, with integer arguments only.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     Ok(())
 }
 
@@ -80,33 +215,103 @@ fn stdio_is_pollable() -> bool {
     pollable(std::io::stdin().as_fd()) && pollable(std::io::stdout().as_fd())
 }
 
-/// Sends stdin and stdout to the daemon with the hand-off byte, reads its answer ("ok", or "no:"
-/// and why), then waits until the daemon closes the connection, which it does when the session
-/// ends. Nothing is read from stdin here, so no byte of the host's is lost either way.
-fn hand_off(stream: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
-    use std::io::BufRead;
-    send_with_fds(
-        stream,
-        till_client::till_protocol::MCP_HANDOFF,
-        &[std::io::stdin().as_fd(), std::io::stdout().as_fd()],
-    )?;
+/// Why a hand-off did not happen.
+#[derive(Debug, thiserror::Error)]
+enum HandOffError {
+    /// The daemon answered no, and why.
+    #[error("{0}")]
+    Refused(String),
+    /// The connection failed before the daemon answered.
+    #[error("the daemon's socket failed ({0})")]
+    Broken(#[from] std::io::Error),
+}
+
+/// How a hand-off ended.
+enum Handed {
+    /// The session is over (the daemon said so): exit.
+    Ended,
+    /// The daemon stopped with the session open; `pending` is the host's input it read and did
+    /// not serve (nothing when it was killed).
+    Lost { pending: Vec<u8> },
+}
+
+/// Sends stdin and stdout to the daemon with the hand-off byte (or, with `resume`, the resume byte,
+/// the host's `initialize` parameters and the pending input), reads its answer ("ok", or "no:"
+/// and why), then follows the session's notices on the lifeline until it ends. Nothing is read
+/// from stdin here, so no byte of the host's is lost either way.
+fn hand_off(
+    stream: &std::os::unix::net::UnixStream,
+    resume: Option<&[u8]>,
+    client: &mut Option<serde_json::Value>,
+) -> Result<Handed, HandOffError> {
+    use std::io::{BufRead, Read, Write};
+    use till_client::till_protocol::{
+        MCP_HANDOFF, MCP_MAX_LINE_BYTES, MCP_NOTICE_MAX_BYTES, MCP_RESUME, McpNotice, McpResume,
+    };
+    let (stdin, stdout) = (std::io::stdin(), std::io::stdout());
+    let stdio = [stdin.as_fd(), stdout.as_fd()];
+    match resume {
+        None => send_with_fds(stream, MCP_HANDOFF, &stdio)?,
+        Some(pending) => {
+            send_with_fds(stream, MCP_RESUME, &stdio)?;
+            let header = McpResume {
+                client: client.clone(),
+                pending: pending.len(),
+            };
+            let mut bytes = serde_json::to_vec(&header).map_err(std::io::Error::from)?;
+            bytes.push(b'\n');
+            bytes.extend_from_slice(pending);
+            (&*stream).write_all(&bytes)?;
+        }
+    }
     let mut answer = String::new();
     let mut reader = std::io::BufReader::new(stream);
     reader.read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(HandOffError::Broken(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
     if answer != "ok\n" {
         let why = answer.trim().trim_start_matches("no:").trim();
-        return Err(std::io::Error::other(if why.is_empty() {
+        return Err(HandOffError::Refused(if why.is_empty() {
             "the daemon did not take stdio over".to_string()
         } else {
             format!("the daemon did not take stdio over: {why}")
         }));
     }
-    // The session runs in the daemon now. Block until it closes the lifeline; however that
-    // ends (an error included: the daemon died), it is not a reason to relay, since the host is
-    // mid-session and a relay would start it over.
-    let mut sink = [0u8; 64];
-    while matches!(std::io::Read::read(&mut reader, &mut sink), Ok(n) if n > 0) {}
-    Ok(())
+    // The session runs in the daemon now. Follow what it says about it; however the lifeline
+    // breaks without a word (the daemon was killed), the session can go on with the next one.
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MCP_NOTICE_MAX_BYTES as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => {
+                return Ok(Handed::Lost {
+                    pending: Vec::new(),
+                });
+            }
+            Ok(_) => {}
+        }
+        match serde_json::from_slice::<McpNotice>(&line) {
+            Ok(McpNotice::Client { params }) => *client = Some(params),
+            Ok(McpNotice::End) => return Ok(Handed::Ended),
+            Ok(McpNotice::Resume { pending }) if pending <= MCP_MAX_LINE_BYTES => {
+                let mut bytes = vec![0u8; pending];
+                return match reader.read_exact(&mut bytes) {
+                    Ok(()) => Ok(Handed::Lost { pending: bytes }),
+                    // Cut short: the rest went with the daemon; the next one gets what is left.
+                    Err(_) => Ok(Handed::Lost {
+                        pending: Vec::new(),
+                    }),
+                };
+            }
+            // A notice from a newer daemon, or one this cannot hold: the session goes on.
+            _ => {}
+        }
+    }
 }
 
 /// One byte with `fds` attached (`SCM_RIGHTS`); the daemon gets its own copies of them.
