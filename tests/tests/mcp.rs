@@ -461,6 +461,82 @@ async fn an_mcp_session_outlives_a_daemon_restart() {
         .expect("close");
 }
 
+/// Bytes waiting in a pipe, asked of its write end (`FIONREAD`).
+fn unread_in_pipe(fd: &impl std::os::fd::AsRawFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    #[allow(unsafe_code)]
+    // SAFETY: FIONREAD writes one int through a pointer to a live local.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD");
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_a_stopping_daemon_read_and_did_not_serve_goes_to_the_next_one() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    // A host speaking raw JSON lines, so it can send half a message.
+    let mut relay = tokio::process::Command::new(bin("till"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("mcp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn till mcp");
+    let mut to_host = relay.stdin.take().expect("stdin");
+    let mut from_host = tokio::io::BufReader::new(relay.stdout.take().expect("stdout")).lines();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw-host", "version": "1"}}});
+    to_host
+        .write_all(format!("{init}\n").as_bytes())
+        .await
+        .expect("write");
+    let reply = from_host.next_line().await.expect("read").expect("a line");
+    assert!(reply.contains("\"result\""), "{reply}");
+    to_host
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n")
+        .await
+        .expect("write");
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "list_services", "arguments": {}}})
+    .to_string();
+    let (head, tail) = call.split_at(40);
+    to_host.write_all(head.as_bytes()).await.expect("write");
+    // The daemon takes the half line out of the pipe; it cannot serve it yet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while unread_in_pipe(&to_host) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon read nothing"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(d.terminate().success());
+    assert!(
+        d.log_text().contains("for the next daemon pending=40"),
+        "the stopping daemon handed back the half line"
+    );
+    let d2 = TestDaemon::start_in(&d.dir);
+    to_host
+        .write_all(format!("{tail}\n").as_bytes())
+        .await
+        .expect("write");
+    let reply: Value =
+        serde_json::from_str(&from_host.next_line().await.expect("read").expect("a line"))
+            .expect("json");
+    assert_eq!(reply["id"], 2, "{reply}");
+    assert_ne!(reply["result"]["isError"], true, "{reply}");
+    assert!(reply["result"].to_string().contains("echo"), "{reply}");
+    assert!(d2.log_text().contains("resuming an agent host's session"));
+    drop(to_host);
+    assert!(relay.wait().await.expect("till mcp").success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_the_mcp_session_goes_on_and_without_a_daemon_it_says_why() {
     let up = Upstream::start(None).await;
