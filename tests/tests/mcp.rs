@@ -538,6 +538,50 @@ async fn input_a_stopping_daemon_read_and_did_not_serve_goes_to_the_next_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn till_mcp_waiting_for_a_daemon_leaves_with_its_host() {
+    use std::io::{BufRead, Write};
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    // A host as Node runs its servers: stdin and stdout one socket.
+    let (host, server_end) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let stdin = std::os::fd::OwnedFd::from(server_end.try_clone().expect("clone"));
+    let mut relay = std::process::Command::new(bin("till"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["mcp", "--wait", "10m"])
+        .stdin(stdin)
+        .stdout(std::os::fd::OwnedFd::from(server_end))
+        .spawn()
+        .expect("spawn till mcp");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "node-host", "version": "1"}}});
+    (&host)
+        .write_all(format!("{init}\n").as_bytes())
+        .expect("write");
+    let mut reply = String::new();
+    std::io::BufReader::new(&host)
+        .read_line(&mut reply)
+        .expect("read");
+    assert!(reply.contains("\"result\""), "{reply}");
+    d.kill9();
+    // The host goes away while `till mcp` waits for a daemon: it does not wait out its 10 minutes.
+    drop(host);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = relay.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = relay.kill();
+            break None;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(status.expect("till mcp outlived its host").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_the_mcp_session_goes_on_and_without_a_daemon_it_says_why() {
     let up = Upstream::start(None).await;
     let mut d = TestDaemon::start(&up);

@@ -153,18 +153,23 @@ fn wait_for_daemon(
     }
 }
 
-/// Whether the host has closed its end of stdin with nothing left in it (a pipe says so with
-/// `POLLHUP` alone; for a socket this says no, and the next daemon finds the end itself).
+/// Whether the host has closed its end of stdin with nothing left in it: hung up (a pipe's
+/// `POLLHUP`, a socket's `POLLRDHUP`; Node gives its children sockets) and no byte unread.
 #[allow(unsafe_code)]
 fn host_left() -> bool {
     let mut fd = libc::pollfd {
         fd: 0,
-        events: libc::POLLIN,
+        events: libc::POLLIN | libc::POLLRDHUP,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, a zero timeout.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n == 1 && fd.revents & libc::POLLHUP != 0 && fd.revents & libc::POLLIN == 0
+    let mut unread: libc::c_int = 0;
+    // SAFETY: one valid pollfd and a zero timeout; FIONREAD writes one int to a live local.
+    unsafe {
+        libc::poll(&mut fd, 1, 0) == 1
+            && fd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+            && libc::ioctl(0, libc::FIONREAD, &mut unread) == 0
+            && unread == 0
+    }
 }
 
 /// Serves the agent host an MCP server whose every tool says `reason`, until it hangs up.
