@@ -835,6 +835,20 @@ impl TestDaemon {
     }
 }
 
+/// A listening socket at `path` as systemd's socket activation makes one: the listener (kept by
+/// the caller, as systemd keeps it across restarts) and an inheritable duplicate at fd 100 or
+/// above, for [`TestDaemon::start_activated`].
+pub fn activation_socket(path: &Path) -> (std::os::unix::net::UnixListener, i32) {
+    use std::os::fd::AsRawFd;
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl on an fd this process owns; F_DUPFD returns a new fd (no CLOEXEC) at or above
+    // 100, out of the way of the 3.. the daemon will receive.
+    let dup = unsafe { libc::fcntl(l.as_raw_fd(), libc::F_DUPFD, 100) };
+    assert!(dup >= 100, "dup failed");
+    (l, dup)
+}
+
 /// Runs a benchmark: the upstream (another server) on its own runtime, the bench client on a
 /// current-thread runtime as the `till` CLI uses, so its figures are not a scheduler's.
 pub fn run_bench<F, Fut>(bench: F)

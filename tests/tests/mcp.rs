@@ -581,6 +581,31 @@ async fn till_mcp_waiting_for_a_daemon_leaves_with_its_host() {
     assert!(status.expect("till mcp outlived its host").success());
 }
 
+/// As under systemd: the sockets outlive the daemon, so `till mcp` reaches the listener while no
+/// daemon runs, and the next daemon takes the session from its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_outlives_a_restart_on_socket_activated_sockets() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("till.toml"),
+        till_tests::standard_config(dir, &up.url(), ""),
+    )
+    .expect("config");
+    let (_keep1, fd1) = till_tests::activation_socket(&dir.join("till.sock"));
+    let (_keep2, fd2) = till_tests::activation_socket(&dir.join("mcp.sock"));
+    let mut d = TestDaemon::start_activated(dir, &[fd1, fd2]);
+    let s = stdio_session(&d.socket).await;
+    structured(&call(&s, "list_services", json!({})).await);
+    assert!(d.terminate().success());
+    let d2 = TestDaemon::start_activated(dir, &[fd1, fd2]);
+    let services = structured(&call(&s, "list_services", json!({})).await);
+    assert!(services.to_string().contains("\"echo\""), "{services}");
+    assert!(d2.log_text().contains("resuming an agent host's session"));
+    s.cancel().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_the_mcp_session_goes_on_and_without_a_daemon_it_says_why() {
     let up = Upstream::start(None).await;

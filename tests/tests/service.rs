@@ -2,7 +2,6 @@
 //! (a peer outside the socket's group, a non-admin, `[[peers]]` limits). Needs root, to hand the
 //! sockets to a group and to run clients as other uids.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
@@ -20,22 +19,10 @@ fn is_root() -> bool {
 /// Binds a socket as systemd's `tilld.socket` would: mode 0660, group `AGENTS_GID`; returns it
 /// with its fd duplicated high and inheritable (the fd the daemon will get).
 fn activated_socket(path: &std::path::Path) -> (std::os::unix::net::UnixListener, i32) {
-    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    let (l, fd) = till_tests::activation_socket(path);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).expect("chmod");
     std::os::unix::fs::chown(path, Some(0), Some(AGENTS_GID)).expect("chown");
-    (
-        l.try_clone().expect("clone"),
-        inheritable_dup(l.as_raw_fd()),
-    )
-}
-
-#[allow(unsafe_code)]
-fn inheritable_dup(fd: i32) -> i32 {
-    // SAFETY: fcntl on an fd this process owns; F_DUPFD returns a new fd (no CLOEXEC) at or above
-    // 100, out of the way of the 3.. the daemon will receive.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD, 100) };
-    assert!(dup >= 100, "dup failed");
-    dup
+    (l, fd)
 }
 
 fn till_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, args: &[&str]) -> Output {
