@@ -289,10 +289,9 @@ pub async fn serve(
                 // already taken its `initialize` (then the host waits on an answer no daemon can
                 // give, and only ending the session tells it).
                 _ = shutdown.cancelled() => {
-                    let left = open.borrow().is_empty();
+                    let nothing_taken = open.borrow().is_empty();
                     let unread = unread_rx.await.unwrap_or_default();
-                    let notice = if left { Some(unread) } else { None };
-                    tell(&mut lifeline, notice).await;
+                    tell(&mut lifeline, nothing_taken.then_some(unread)).await;
                     return;
                 }
             };

@@ -8,6 +8,8 @@
 //! - [`broker`]: shared state and the rules; [`handlers`]: one file per request kind.
 //! - [`proxy`]: the upstream call, key injection, scrubbing.
 //! - [`server`]: the native socket; [`peer`]: who is calling.
+//! - [`mcp`]: the MCP tools on `mcp.sock` and the gateway's `/mcp`; [`handoff`]: an agent host's
+//!   stdio handed over by `till mcp`, served so that the session outlives a restart.
 //! - [`sys`]: the only `unsafe` (process hardening).
 //!
 //! [`run`] is what `main` calls after binding, and what tests could call with their own listener.
