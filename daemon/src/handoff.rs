@@ -239,11 +239,20 @@ pub async fn read_resume(
                 .map_err(|e| format!("the resume's client is not what this daemon reads ({e})"))?,
         ),
     };
-    let mut pending = vec![0u8; resume.pending];
+    // Grown as the bytes come, not allocated from the claim.
+    let mut pending = Vec::new();
     reader
-        .read_exact(&mut pending)
+        .take(resume.pending as u64)
+        .read_to_end(&mut pending)
         .await
         .map_err(|e| format!("the resume's pending input could not be read ({e})"))?;
+    if pending.len() != resume.pending {
+        return Err(format!(
+            "the resume ended after {} of its {} pending bytes",
+            pending.len(),
+            resume.pending
+        ));
+    }
     Ok((client, pending))
 }
 
@@ -479,6 +488,61 @@ mod tests {
         assert_eq!(lines.len(), 1, "{out}");
         assert_eq!(lines[0]["id"], 7);
         assert_eq!(lines[0]["error"]["code"], -32600);
+    }
+
+    /// What the daemon makes of a resume's line and bytes (sent by `till mcp`, or by anyone
+    /// else who may connect to `mcp.sock`).
+    async fn resume_of(sent: Vec<u8>, hang_up: bool) -> Result<(Option<String>, Vec<u8>), String> {
+        let (mut ours, mut theirs) = tokio::net::UnixStream::pair().expect("pair");
+        theirs.write_all(&sent).await.expect("write");
+        // Held open unless `hang_up`: a whole resume must not need the end of the stream.
+        let open = (!hang_up).then_some(theirs);
+        let read = read_resume(&mut ours).await;
+        drop(open);
+        read.map(|(c, p)| (c.map(|c| c.client_info.name), p))
+    }
+
+    #[tokio::test]
+    async fn a_resume_is_read_whole_or_refused_with_the_reason() {
+        let init = serde_json::json!({"protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "claude-code", "version": "2"}});
+        let line = |client: serde_json::Value, pending: usize| {
+            let mut l = serde_json::to_vec(&McpResume {
+                client: (!client.is_null()).then_some(client),
+                pending,
+            })
+            .expect("json");
+            l.push(b'\n');
+            l
+        };
+        let mut ok = line(init.clone(), 5);
+        ok.extend_from_slice(b"{\"a\":");
+        // The bytes after the pending ones are not the resume's (nothing follows in practice).
+        assert_eq!(
+            resume_of(ok, false).await,
+            Ok((Some("claude-code".into()), b"{\"a\":".to_vec()))
+        );
+        assert_eq!(
+            resume_of(line(serde_json::Value::Null, 0), false).await,
+            Ok((None, Vec::new()))
+        );
+
+        let mut short = line(init.clone(), 10);
+        short.extend_from_slice(b"abc");
+        let e = resume_of(short, true).await.expect_err("short");
+        assert!(e.contains("after 3 of its 10 pending bytes"), "{e}");
+        let e = resume_of(line(init.clone(), MCP_MAX_LINE_BYTES + 1), true)
+            .await
+            .expect_err("too much");
+        assert!(e.contains("more than"), "{e}");
+        let e = resume_of(b"{\"pending\": \"x\"}\n".to_vec(), true)
+            .await
+            .expect_err("wrong shape");
+        assert!(e.contains("not what this daemon reads"), "{e}");
+        let e = resume_of(line(serde_json::json!({"clientInfo": 3}), 0), true)
+            .await
+            .expect_err("bad client");
+        assert!(e.contains("client"), "{e}");
     }
 
     #[tokio::test]
