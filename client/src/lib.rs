@@ -153,6 +153,9 @@ static SPIN: BusyPoll = BusyPoll::new(1);
 pub struct Client {
     framed: FrameStream,
     daemon_version: String,
+    /// Where to connect again when the daemon has restarted since the last request.
+    path: PathBuf,
+    reconnect: bool,
 }
 
 macro_rules! expect {
@@ -165,8 +168,23 @@ macro_rules! expect {
 }
 
 impl Client {
-    /// Connects and exchanges `hello`.
+    /// Connects and exchanges `hello`. A `Client` outlives a restart of the daemon: a request
+    /// after one goes out on a new connection (the daemon closed the old one while it was idle,
+    /// so nothing is sent twice). A request in flight when the daemon stops is answered, or
+    /// refused with [`ErrorCode::ShuttingDown`] when it was not served.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let framed = Self::open(path).await?;
+        let mut client = Client {
+            framed,
+            daemon_version: String::new(),
+            path: path.to_owned(),
+            reconnect: true,
+        };
+        client.hello().await?;
+        Ok(client)
+    }
+
+    async fn open(path: &Path) -> Result<FrameStream, ClientError> {
         refuse_a_squatted_tmp_dir(path)?;
         let stream = UnixStream::connect(path)
             .await
@@ -174,28 +192,46 @@ impl Client {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        let mut client = Client {
-            framed: FrameStream::new(stream).busy_poll(BUSY_POLL, &SPIN),
-            daemon_version: String::new(),
-        };
+        Ok(FrameStream::new(stream).busy_poll(BUSY_POLL, &SPIN))
+    }
+
+    async fn hello(&mut self) -> Result<(), ClientError> {
         let hello = Request::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             client: concat!("till-client ", env!("CARGO_PKG_VERSION")).into(),
         });
-        let reply = expect!(client.request(hello).await?, Response::Hello)?;
-        client.daemon_version = reply.daemon_version;
-        Ok(client)
+        let reply = expect!(self.exchange(&hello).await?, Response::Hello)?;
+        self.daemon_version = reply.daemon_version;
+        Ok(())
     }
 
     pub fn daemon_version(&self) -> &str {
         &self.daemon_version
     }
 
+    /// Whether to take a new connection when the daemon has let go of this one (on by
+    /// default). Off, a request after a restart fails as the connection does, for a caller that
+    /// must notice the restart itself (one that follows the audit trail, whose numbering may
+    /// start over with the new daemon).
+    pub fn reconnecting(mut self, on: bool) -> Self {
+        self.reconnect = on;
+        self
+    }
+
     /// Sends one request and returns the daemon's response; an error reply becomes
     /// [`ClientError::Refused`].
     pub async fn request(&mut self, req: Request) -> Result<Response, ClientError> {
+        if self.reconnect && !self.framed.usable() {
+            // The daemon let go of this connection (it restarted): a new one, hello again.
+            self.framed = Self::open(&self.path).await?;
+            self.hello().await?;
+        }
+        self.exchange(&req).await
+    }
+
+    async fn exchange(&mut self, req: &Request) -> Result<Response, ClientError> {
         let _in_flight = SPIN.start();
-        self.framed.send_json(&req).await?;
+        self.framed.send_json(req).await?;
         let frame = self
             .framed
             .next()

@@ -357,7 +357,18 @@ async fn connection(stream: UnixStream, peer: Peer, broker: Broker, shutdown: Ca
     }
     loop {
         let frame = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                // Said unasked, so that a request already on its way is known not to have been
+                // served (a bare close would leave its sender guessing), and a client checking its
+                // idle connection sees it is gone.
+                let bye = error(
+                    ErrorCode::ShuttingDown,
+                    "tilld is stopping, so this request was not served: send it again once tilld \
+                     is back (a restart takes a moment)",
+                );
+                let _ = framed.send_json(&bye).await;
+                break;
+            }
             f = framed.next() => f,
         };
         let bytes = match frame {

@@ -150,6 +150,24 @@ impl FrameStream {
         self
     }
 
+    /// Whether a request could go out on this connection now, seen without waiting: not once the
+    /// peer has closed it, or has sent something between requests (a stopping daemon's
+    /// `shutting_down`). The check an HTTP pool makes before it reuses a connection; it costs one
+    /// non-blocking read(2), past tokio's readiness cache, which may not have seen the close yet.
+    #[allow(clippy::unused_io_amount)]
+    pub fn usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut scratch = [0u8; 64];
+        match (&*socket2::SockRef::from(&self.stream)).read(&mut scratch) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            // The end of the stream, or bytes nobody asked for (after which replies would not
+            // line up with requests): how many does not matter.
+            Ok(_) => false,
+        }
+    }
+
     /// Sends `msg` as one JSON frame, in one write.
     pub async fn send_json<T: Serialize>(&mut self, msg: &T) -> io::Result<()> {
         let mut out = vec![0u8; 4];
@@ -248,6 +266,18 @@ mod tests {
     use super::*;
 
     static SPIN: BusyPoll = BusyPoll::new(usize::MAX);
+
+    #[tokio::test]
+    async fn a_connection_is_usable_until_the_peer_closes_or_speaks_unasked() {
+        let (mut s, peer) = pair(false).await;
+        assert!(s.usable(), "idle and open");
+        drop(peer);
+        assert!(!s.usable(), "closed by the peer");
+        let (mut s, mut peer) = pair(false).await;
+        peer.write_all(b"\0\0\0\x02{}").await.expect("write");
+        // Read by a plain read(2): tokio's readiness need not have seen the bytes.
+        assert!(!s.usable(), "a frame nobody asked for");
+    }
 
     async fn pair(spin: bool) -> (FrameStream, UnixStream) {
         let (a, b) = UnixStream::pair().expect("socketpair");

@@ -2,7 +2,9 @@
 //!
 //! The client's first frame is always [`Request::Hello`]; the daemon answers [`Response::Hello`] or an
 //! [`ErrorCode::VersionMismatch`] error and closes. After that, one request gets exactly one response,
-//! in order.
+//! in order. One exception: a daemon that is stopping sends an idle connection one
+//! [`ErrorCode::ShuttingDown`] error unasked, then closes it. A request that crossed it was not
+//! served; a client that finds it waiting before a request knows to connect again.
 
 use serde::{Deserialize, Serialize};
 

@@ -717,6 +717,42 @@ async fn sigterm_shuts_down_cleanly() {
     assert!(audit.contains("clean shutdown"), "{audit}");
 }
 
+/// As an HTTP client's pool does, a `Client` takes a new connection when the daemon has let go of
+/// its idle one: a program holding one goes on across `systemctl restart tilld`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_outlives_a_daemon_restart() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    let mut c = d.client().await;
+    let minted = c
+        .mint(mint_req("echo", &["GET /a"], 2))
+        .await
+        .expect("mint");
+    assert!(d.terminate().success());
+    // With no daemon, a request says where it looked.
+    match c.status().await {
+        Err(e @ ClientError::Unreachable { .. }) => {
+            assert!(
+                e.to_string().contains(&d.socket.display().to_string()),
+                "{e}"
+            )
+        }
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+    let _d2 = TestDaemon::start_in(&d.dir);
+    let reply = c
+        .call(call_req(&minted.token, "GET", "/a"))
+        .await
+        .expect("the same client, after the restart");
+    assert_eq!(reply.status, 200);
+    assert_eq!(up.hits(), 1);
+    assert_eq!(
+        c.inspect(&minted.token).await.expect("inspect").remaining,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_operations_need_an_admin_uid() {
     let up = Upstream::start(None).await;

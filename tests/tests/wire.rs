@@ -121,6 +121,21 @@ async fn malformed_frames_get_clear_errors_and_the_daemon_keeps_serving() {
     assert_eq!(fresh.version, env!("CARGO_PKG_VERSION"));
 }
 
+/// A stopping daemon tells an idle connection why it closes: a request already on its way then
+/// reads as not served, and a client checking its idle connection sees it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_says_so_on_idle_connections() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let mut s = connect(&d);
+    hello(&mut s);
+    assert!(d.terminate().success());
+    assert_error(&read_reply(&mut s), "shutting_down", "was not served");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("then the end");
+    assert!(rest.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_it_waits_logs_once_and_recovers() {
     let up = Upstream::start(None).await;

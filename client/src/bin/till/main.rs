@@ -27,6 +27,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, Subcommand};
+use till_client::till_protocol::ErrorCode;
 use till_client::{Client, ClientError, socket_path};
 use till_protocol::{CallRequest, MintRequest, RevokeTarget, Token, TokensRequest};
 
@@ -298,14 +299,22 @@ fn seq(line: &str) -> Option<u64> {
 
 /// Whether the daemon went away (stopped, restarting), as opposed to refusing.
 fn lost(e: &ClientError) -> bool {
-    matches!(e, ClientError::Io(_) | ClientError::Unreachable { .. })
+    matches!(
+        e,
+        ClientError::Io(_)
+            | ClientError::Unreachable { .. }
+            | ClientError::Refused {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }
+    )
 }
 
 /// Connects again once the daemon is back, trying twice a second; a refusal ends it.
 async fn reconnect(path: &Path) -> Result<Client> {
     loop {
         match Client::connect(path).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok(c.reconnecting(false)),
             Err(e) if lost(&e) => tokio::time::sleep(Duration::from_millis(500)).await,
             Err(e) => return Err(e.into()),
         }
@@ -540,7 +549,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             since,
             verify: None,
         } => {
-            let mut c = connect(&cli.socket).await?;
+            // A follower notices a restart itself (below): the trail it follows may not be the
+            // one the daemon comes back with.
+            let mut c = connect(&cli.socket).await?.reconnecting(false);
             let mut req = till_protocol::AuditRequest {
                 limit: Some(limit),
                 token,
