@@ -165,6 +165,8 @@ struct Writer {
     since_checkpoint: u64,
     /// Where the last checkpoint is remembered (see [`Head`]).
     head: File,
+    /// Why the last append failed, while it is the last: for `till status`.
+    failing: Option<String>,
 }
 
 impl Writer {
@@ -184,8 +186,13 @@ impl Writer {
         })
         .map_err(|e| {
             tracing::error!(error = %e, "audit write failed");
+            self.failing = Some(e.to_string());
             "the audit trail could not be written".to_string()
         })?;
+        if self.failing.is_some() {
+            tracing::warn!("the audit trail can be written again");
+            self.failing = None;
+        }
         self.size += line.len() as u64;
         self.seq = seq;
         self.prev = hash;
@@ -413,9 +420,23 @@ impl Audit {
                 signer,
                 since_checkpoint: 0,
                 head: head_file,
+                failing: None,
             })),
             path: path.to_owned(),
             discontinuity,
+        })
+    }
+
+    /// Why the last line could not be written, while no line since could: every request that
+    /// needs one is refused meanwhile.
+    pub fn failure(&self) -> Option<String> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.failing.as_ref().map(|e| {
+            format!(
+                "the audit trail {} cannot be written ({e}): Till refuses every request that needs \
+                 an audit line until it can; if its disk is full, free space (no restart needed)",
+                w.path.display()
+            )
         })
     }
 

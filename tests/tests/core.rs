@@ -931,3 +931,119 @@ async fn a_socket_directory_others_control_is_refused() {
         .expect("served in a sticky directory");
     c.status().await.expect("status");
 }
+
+/// Unmounts what the test mounted, however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk under the state and the trail: a request that needs a line in the trail is refused
+/// with the reason and changes nothing (no activation, nothing sent); `till status` says why; once
+/// there is space again Till goes on, with no restart and no broken line in the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_the_reason_and_recovers() {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+    {
+        eprintln!("skipped: needs root to mount a small filesystem");
+        return;
+    }
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let disk = dir.join("disk");
+    std::fs::create_dir(&disk).expect("mkdir");
+    // Room for the store's two 8 MiB journals and a little more.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .expect("mount");
+    if !mounted.success() {
+        eprintln!("skipped: this machine does not let the test mount a tmpfs");
+        return;
+    }
+    let _mounted = Mounted(disk.clone());
+    let d = dir.display();
+    let text = till_tests::standard_config(dir, &up.url(), "")
+        .replace(
+            &format!("state_dir = \"{d}/state\""),
+            &format!("state_dir = \"{}/state\"", disk.display()),
+        )
+        .replace(
+            &format!("audit_log = \"{d}/audit.jsonl\""),
+            &format!("audit_log = \"{}/audit.jsonl\"", disk.display()),
+        );
+    assert!(text.contains(&format!("{}/audit.jsonl", disk.display())));
+    std::fs::write(dir.join("till.toml"), text).expect("config");
+    let daemon = TestDaemon::start_in(dir);
+    let mut c = daemon.client().await;
+    let t = c
+        .mint(mint_req("echo", &["GET /**"], 1000))
+        .await
+        .expect("mint");
+    c.call(call_req(&t.token, "GET", "/before"))
+        .await
+        .expect("call");
+
+    // Fill the disk.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8; 4096]);
+        while f.write_all(&[0u8; 1]).is_ok() {}
+    }
+    // The trail's last page may hold a few more lines; then a call is refused.
+    let mut refused = None;
+    for i in 0..200 {
+        let hits = up.hits();
+        let before = c.inspect(&t.token).await.expect("inspect").used;
+        match c
+            .call(call_req(&t.token, "GET", &format!("/full/{i}")))
+            .await
+        {
+            Ok(_) => continue,
+            Err(ClientError::Refused { message, .. }) => {
+                assert_eq!(up.hits(), hits, "a refused call sent nothing");
+                let after = c.inspect(&t.token).await.expect("inspect").used;
+                assert_eq!(after, before, "a refused call spent nothing");
+                refused = Some(message);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let message = refused.expect("a call refused on the full disk");
+    assert!(
+        message.contains("audit trail could not be written"),
+        "{message}"
+    );
+    let status = c.status().await.expect("status on a full disk");
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("cannot be written") && w.contains("No space left")),
+        "{:?}",
+        status.warnings
+    );
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    c.call(call_req(&t.token, "GET", "/after"))
+        .await
+        .expect("served again, no restart");
+    assert!(c.status().await.expect("status").warnings.is_empty());
+    let verified = daemon.till(&["audit", "verify"]);
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}

@@ -149,7 +149,13 @@ pub async fn activate(
         }
         return Err(refusal);
     }
-    audited?;
+    if let Err(refusal) = audited {
+        // Nothing goes upstream without its `activate` line, so nothing is spent either: the
+        // activation is given back (a crash before that reaches the store leaves it spent, the
+        // safe side).
+        b.unreserve(claims.id);
+        return Err(refusal);
+    }
     b.metrics.activation();
     Ok(Activation {
         claims,

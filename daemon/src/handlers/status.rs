@@ -25,6 +25,7 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
                 )
             })
             .into_iter()
+            .chain(b.audit.failure())
             .chain(b.audit.discontinuity().map(str::to_owned))
             .chain(b.stale_keys())
             .collect(),
