@@ -181,7 +181,13 @@ fn spawn_sweeper(b: Broker, shutdown: CancellationToken) {
 }
 
 /// Opens the state, serves `listener` until `shutdown` fires, then drains and flushes.
-pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+/// `ready` runs once the daemon serves (after `READY=1`).
+pub async fn run(
+    loaded: Loaded,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let Listeners {
         socket: listener,
         mcp: mcp_listener,
@@ -256,6 +262,7 @@ pub async fn run(loaded: Loaded, listeners: Listeners, shutdown: CancellationTok
     reload::spawn(broker.clone(), shutdown.clone())?;
     spawn_sweeper(broker.clone(), shutdown.clone());
     notify("READY=1");
+    ready();
     // Pings only from readiness on: before it, systemd's start timeout is what applies.
     activation::watchdog(shutdown.clone());
     server::serve(listener, broker.clone(), shutdown.clone(), tracker.clone()).await;

@@ -125,17 +125,24 @@ fn start(args: Args) -> Result<()> {
             (None, None) => None,
         };
         let shutdown = CancellationToken::new();
+        // Printed once the daemon serves: a start that fails says only why.
+        let mut banner = None;
         if let Some((dir, echo)) = &dev {
             tilld::dev::serve_echo(echo.try_clone()?)?;
-            // Whoever started us may stop reading stdout: a closed pipe must not take the daemon down.
-            let banner = tilld::dev::banner(
+            banner = Some(tilld::dev::banner(
                 dir.path(),
                 gateway.as_ref().and_then(|g| g.local_addr().ok()),
-            );
-            let mut out = std::io::stdout();
-            let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
-            let _ = std::io::Write::flush(&mut out);
+            ));
         }
+        let ready = move || {
+            if let Some(banner) = banner {
+                // Whoever started us may stop reading stdout: a closed pipe must not take the
+                // daemon down.
+                let mut out = std::io::stdout();
+                let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
+                let _ = std::io::Write::flush(&mut out);
+            }
+        };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let s = shutdown.clone();
@@ -152,6 +159,6 @@ fn start(args: Args) -> Result<()> {
             gateway,
             activated: was_activated,
         };
-        tilld::run(loaded, listeners, shutdown).await
+        tilld::run(loaded, listeners, shutdown, ready).await
     })
 }

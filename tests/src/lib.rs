@@ -835,6 +835,33 @@ impl TestDaemon {
     }
 }
 
+/// A small tmpfs mounted for a test (a full disk on demand), unmounted however the test ends.
+pub struct Mounted(PathBuf);
+
+impl Mounted {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` reads it) on the directory `at`; `None` when
+    /// this process may not (not root, or a machine that forbids it): the caller skips.
+    pub fn tmpfs(at: &Path, size: &str) -> Option<Mounted> {
+        if !std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        {
+            return None;
+        }
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .ok()?;
+        mounted.success().then(|| Mounted(at.to_owned()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A listening socket at `path` as systemd's socket activation makes one: the listener (kept by
 /// the caller, as systemd keeps it across restarts) and an inheritable duplicate at fd 100 or
 /// above, for [`TestDaemon::start_activated`].

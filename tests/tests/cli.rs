@@ -648,6 +648,35 @@ async fn audit_follow_outlives_a_restart() {
     assert!(stderr.contains("this is another trail"), "{stderr}");
 }
 
+/// `tilld --dev` that cannot start (here: its temporary state does not fit) says why, and does not
+/// first print the banner of a daemon that never ran.
+#[test]
+fn tilld_dev_that_cannot_start_prints_no_banner() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Less than the store's two 8 MiB journals.
+    let Some(_mounted) = till_tests::Mounted::tmpfs(tmp.path(), "4m") else {
+        eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
+        return;
+    };
+    let out = Command::new(bin("tilld"))
+        .arg("--dev")
+        .env("TMPDIR", tmp.path())
+        .env("TILL_LOG", "warn")
+        .output()
+        .expect("tilld --dev");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("No space left on device"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stdout).contains("TILL_SOCKET"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tilld_dev_is_a_complete_try_it_now() {
     use std::io::BufRead;

@@ -932,41 +932,21 @@ async fn a_socket_directory_others_control_is_refused() {
     c.status().await.expect("status");
 }
 
-/// Unmounts what the test mounted, however the test ends.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// A full disk under the state and the trail: a request that needs a line in the trail is refused
 /// with the reason and changes nothing (no activation, nothing sent); `till status` says why; once
 /// there is space again Till goes on, with no restart and no broken line in the trail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_with_the_reason_and_recovers() {
-    if !std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-    {
-        eprintln!("skipped: needs root to mount a small filesystem");
-        return;
-    }
     let up = Upstream::start(None).await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let disk = dir.join("disk");
     std::fs::create_dir(&disk).expect("mkdir");
     // Room for the store's two 8 MiB journals and a little more.
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .expect("mount");
-    if !mounted.success() {
-        eprintln!("skipped: this machine does not let the test mount a tmpfs");
+    let Some(_mounted) = till_tests::Mounted::tmpfs(&disk, "24m") else {
+        eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
         return;
-    }
-    let _mounted = Mounted(disk.clone());
+    };
     let d = dir.display();
     let text = till_tests::standard_config(dir, &up.url(), "")
         .replace(
