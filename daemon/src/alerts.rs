@@ -7,7 +7,9 @@
 //! `canary` (a token minted as a tripwire was presented), `holder_mismatch` (a token spent by
 //! another uid than the one that minted it), `credential_in_request` (a request carried a master
 //! credential Till holds), `trail_discontinuity` (at start, the audit trail did not reach where
-//! tilld left it: see `audit::Head`; raised by the daemon itself, so never a revocation).
+//! tilld left it: see `audit::Head`; raised by the daemon itself, so never a revocation),
+//! `audit_unwritable` (the trail cannot be written, so every request is refused; raised by the
+//! daemon once per failure, never a revocation).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,6 +25,10 @@ const WINDOW_SECS: u64 = 10;
 
 /// The alert for a trail cut back or replaced while tilld was stopped.
 pub const TRAIL_DISCONTINUITY: &str = "trail_discontinuity";
+
+/// The alert for a trail that cannot be written (a full disk): every request is refused. Raised
+/// once per failure; its own trail line cannot be written, the log, command and webhook can.
+pub const AUDIT_UNWRITABLE: &str = "audit_unwritable";
 
 #[derive(Default)]
 struct Window {

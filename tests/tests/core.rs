@@ -958,6 +958,10 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
             &format!("audit_log = \"{}/audit.jsonl\"", disk.display()),
         );
     assert!(text.contains(&format!("{}/audit.jsonl", disk.display())));
+    // The alert goes where there is room (the command's file is off the full disk).
+    let text = format!(
+        "{text}\n[alerts]\ncommand = \"cat > {d}/alert.tmp && mv {d}/alert.tmp {d}/alert.json\"\n"
+    );
     std::fs::write(dir.join("till.toml"), text).expect("config");
     let daemon = TestDaemon::start_in(dir);
     let mut c = daemon.client().await;
@@ -1012,6 +1016,40 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
             .any(|w| w.contains("cannot be written") && w.contains("No space left")),
         "{:?}",
         status.warnings
+    );
+
+    // Whoever watches the alerts hears of it, once.
+    let alert_file = dir.join("alert.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let alert: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&alert_file) {
+            break serde_json::from_str(&text).expect("alert JSON");
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(alert["alert"], "audit_unwritable", "{alert}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No space left")),
+        "{alert}"
+    );
+    // One alert for the failure, though every request since was refused.
+    assert!(c.status().await.is_ok());
+    assert!(
+        c.call(call_req(&t.token, "GET", "/still-full"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        daemon
+            .log_text()
+            .matches("alert=\"audit_unwritable\"")
+            .count(),
+        1,
+        "{}",
+        daemon.log_text()
     );
 
     std::fs::remove_file(&filler).expect("free the disk");
