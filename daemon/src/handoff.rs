@@ -490,6 +490,44 @@ mod tests {
         assert_eq!(lines[0]["error"]["code"], -32600);
     }
 
+    /// rmcp polls `receive` inside a `select!` and drops it whenever another branch is ready, so
+    /// a read may stop anywhere: input cut at random, each read tried once and dropped when not
+    /// ready, still gives every message whole, once, in order.
+    #[tokio::test]
+    async fn messages_come_whole_and_in_order_however_input_is_cut_and_reads_dropped() {
+        let (mut t, mut host_in, _host_out, _stop, _open, _unread) = transport();
+        let all: Vec<u8> = (0..300)
+            .map(|i| format!("{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"ping\"}}\n"))
+            .collect::<String>()
+            .into_bytes();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut at, mut ids) = (0, Vec::new());
+        while ids.len() < 300 {
+            if at < all.len() {
+                let n = (1 + next() % 40) as usize;
+                let end = (at + n).min(all.len());
+                host_in.write_all(&all[at..end]).await.expect("write");
+                at = end;
+            }
+            match t.receive().now_or_never() {
+                Some(m) => match m.expect("not the end") {
+                    ClientJsonRpcMessage::Request(r) => ids.push(r.id),
+                    other => panic!("{other:?}"),
+                },
+                // Everything was written: what is left must all be ready.
+                None => assert!(at < all.len(), "lost: got {} of 300", ids.len()),
+            }
+        }
+        let expected: Vec<RequestId> = (0..300).map(NumberOrString::Number).collect();
+        assert_eq!(ids, expected);
+    }
+
     /// What the daemon makes of a resume's line and bytes (sent by `till mcp`, or by anyone
     /// else who may connect to `mcp.sock`).
     async fn resume_of(sent: Vec<u8>, hang_up: bool) -> Result<(Option<String>, Vec<u8>), String> {
