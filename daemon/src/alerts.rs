@@ -9,7 +9,8 @@
 //! credential Till holds), `trail_discontinuity` (at start, the audit trail did not reach where
 //! tilld left it: see `audit::Head`; raised by the daemon itself, so never a revocation),
 //! `audit_unwritable` (the trail cannot be written, so every request is refused; raised by the
-//! daemon once per failure, never a revocation).
+//! daemon once per failure, never a revocation), `store_unwritable` (the store cannot write, so
+//! activations are refused; likewise).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,6 +26,39 @@ const WINDOW_SECS: u64 = 10;
 
 /// The alert for a trail cut back or replaced while tilld was stopped.
 pub const TRAIL_DISCONTINUITY: &str = "trail_discontinuity";
+
+/// The alert for a store that cannot write (a full disk, a failed checkpoint): activations,
+/// revocations and mints are refused. Raised once each time it starts failing.
+pub const STORE_UNWRITABLE: &str = "store_unwritable";
+
+/// Raises [`STORE_UNWRITABLE`] each time the store starts failing, until `shutdown`. Watched,
+/// not raised by the requests that meet the failure: it can start on the committer's own
+/// schedule (a checkpoint), with no request in flight.
+pub fn watch_store(b: Broker, shutdown: tokio_util::sync::CancellationToken) {
+    let mut failure = b.store.watch_failure();
+    tokio::spawn(async move {
+        let mut failing = failure.borrow_and_update().is_some();
+        loop {
+            tokio::select! {
+                changed = failure.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = shutdown.cancelled() => return,
+            }
+            let now = failure.borrow_and_update().clone();
+            if let (Some(e), false) = (&now, failing) {
+                raise(
+                    &b,
+                    STORE_UNWRITABLE,
+                    &Peer::daemon(),
+                    None,
+                    crate::store::Store::warning(e),
+                );
+            }
+            failing = now.is_some();
+        }
+    });
+}
 
 /// The alert for a trail that cannot be written (a full disk): every request is refused. Raised
 /// once per failure; its own trail line cannot be written, the log, command and webhook can.

@@ -261,6 +261,7 @@ pub async fn run(
     ));
     reload::spawn(broker.clone(), shutdown.clone())?;
     spawn_sweeper(broker.clone(), shutdown.clone());
+    alerts::watch_store(broker.clone(), shutdown.clone());
     notify("READY=1");
     ready();
     // Pings only from readiness on: before it, systemd's start timeout is what applies.

@@ -99,6 +99,9 @@ struct Queue {
     unswitched_since: Option<Instant>,
 }
 
+/// Why the store's writes fail, shared by the committer and the checkpointer.
+type Failure = Arc<tokio::sync::watch::Sender<Option<String>>>;
+
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -106,8 +109,9 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Durable writes queued and not yet waited for to the end.
     waiting: std::sync::atomic::AtomicUsize,
-    /// Why the last write failed, and when; `None` once a write succeeds again.
-    failure: Mutex<Option<String>>,
+    /// Why the last write failed, and when; `None` once a write succeeds again. A watch, so
+    /// the daemon can alert when it starts failing (set from the committer's thread).
+    failure: Failure,
 }
 
 impl Shared {
@@ -126,17 +130,16 @@ impl Shared {
         let entries: Vec<_> = batch.into_iter().map(|j| (j.key, j.value)).collect();
         let result = w.write(entries, durable).map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "store commit failed");
-            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+            self.failure.send_replace(Some(format!(
                 "{e:#} (since {})",
                 humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-            ));
+            )));
             "the daemon could not record this durably (see `till status`)".to_string()
         });
-        if result.is_ok() {
-            self.failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+        // After a failed checkpoint the store is failing until a restart, whatever writes
+        // still fit in a journal.
+        if result.is_ok() && self.failure.borrow().is_some() && !w.checkpointer.failed() {
+            self.failure.send_replace(None);
         }
         for ack in acks {
             let _ = ack.send(result.clone());
@@ -298,7 +301,8 @@ impl Store {
                 }
             }
         }
-        let checkpointer = Checkpointer::start(db)?;
+        let failure: Failure = Arc::new(tokio::sync::watch::Sender::new(None));
+        let checkpointer = Checkpointer::start(db, failure.clone())?;
         let [a, b]: [Journal; 2] = journals
             .try_into()
             .map_err(|_| anyhow::anyhow!("two journals"))?;
@@ -318,7 +322,7 @@ impl Store {
                 pending: Pending::default(),
             }),
             waiting: std::sync::atomic::AtomicUsize::new(0),
-            failure: Mutex::new(None),
+            failure,
         });
         let committer_shared = shared.clone();
         let handle = std::thread::Builder::new()
@@ -369,11 +373,20 @@ impl Store {
 
     /// Why the store's last write failed, while no write has succeeded since.
     pub fn failure(&self) -> Option<String> {
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.failure.borrow().clone()
+    }
+
+    /// [`Store::failure`] said for `till status` and the alert.
+    pub fn warning(failure: &str) -> String {
+        format!(
+            "the store cannot write: {failure}. Activations, revocations and mints are refused \
+             until it can; if the disk is full, free space and restart tilld"
+        )
+    }
+
+    /// [`Store::failure`] as it changes.
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.shared.failure.subscribe()
     }
 
     /// Queues a write without waiting (mints): it is written with the next durable batch, or after
@@ -600,7 +613,7 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn start(db: Database) -> Result<Checkpointer> {
+    fn start(db: Database, failure: Failure) -> Result<Checkpointer> {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let free = Arc::new((
             Mutex::new(Free {
@@ -641,6 +654,14 @@ impl Checkpointer {
                                 Err(e) => {
                                     failed = true;
                                     tracing::error!(error = %format!("{e:#}"), "store checkpoint failed");
+                                    failure.send_replace(Some(format!(
+                                        "a checkpoint into redb failed: {e:#} (since {}); the \
+                                         journals keep every record until a restart, and refuse \
+                                         writes once full",
+                                        humantime::format_rfc3339_seconds(
+                                            std::time::SystemTime::now()
+                                        )
+                                    )));
                                     let (lock, cv) = &*freed;
                                     lock.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
                                     cv.notify_all();
@@ -670,6 +691,12 @@ impl Checkpointer {
         if let Some(tx) = &self.tx {
             let _ = tx.send(work);
         }
+    }
+
+    /// Whether a checkpoint has failed (or the thread is gone): the store cannot recover
+    /// without a restart.
+    fn failed(&self) -> bool {
+        self.free.0.lock().unwrap_or_else(|e| e.into_inner()).failed
     }
 
     /// Whether journal `i` has been checkpointed (with `wait`, waits until it has).
@@ -753,7 +780,8 @@ mod tests {
             journals: [j(JOURNALS[0]), j(JOURNALS[1])],
             active: 0,
             next_seq: 1,
-            checkpointer: Checkpointer::start(db).expect("checkpointer"),
+            checkpointer: Checkpointer::start(db, Arc::new(tokio::sync::watch::Sender::new(None)))
+                .expect("checkpointer"),
             last_switch: Instant::now(),
             pending: Pending::default(),
         }

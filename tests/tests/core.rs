@@ -932,6 +932,69 @@ async fn a_socket_directory_others_control_is_refused() {
     c.status().await.expect("status");
 }
 
+/// A `tilld` whose state (and, with `trail_too`, its audit trail) is on a small tmpfs at
+/// `dir/disk`, with an alert command that writes `dir/alert.json` (off the small disk). Fields
+/// drop in order: the daemon stops before the tmpfs is unmounted.
+struct SmallDisk {
+    daemon: TestDaemon,
+    disk: std::path::PathBuf,
+    _mounted: till_tests::Mounted,
+}
+
+impl SmallDisk {
+    /// `None` when no tmpfs may be mounted here (the caller skips).
+    fn start(dir: &std::path::Path, up: &Upstream, size: &str, trail_too: bool) -> Option<Self> {
+        let disk = dir.join("disk");
+        std::fs::create_dir(&disk).expect("mkdir");
+        let mounted = till_tests::Mounted::tmpfs(&disk, size)?;
+        let (d, k) = (dir.display(), disk.display());
+        let mut text = till_tests::standard_config(dir, &up.url(), "").replace(
+            &format!("state_dir = \"{d}/state\""),
+            &format!("state_dir = \"{k}/state\""),
+        );
+        if trail_too {
+            text = text.replace(
+                &format!("audit_log = \"{d}/audit.jsonl\""),
+                &format!("audit_log = \"{k}/audit.jsonl\""),
+            );
+            assert!(text.contains(&format!("{k}/audit.jsonl")));
+        }
+        text.push_str(&format!(
+            "\n[alerts]\ncommand = \"cat > {d}/alert.tmp && mv {d}/alert.tmp {d}/alert.json\"\n"
+        ));
+        std::fs::write(dir.join("till.toml"), text).expect("config");
+        Some(SmallDisk {
+            daemon: TestDaemon::start_in(dir),
+            disk,
+            _mounted: mounted,
+        })
+    }
+}
+
+/// Fills `disk` to the last byte; returns the filler's path.
+fn fill(disk: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = disk.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&[0u8; 1]).is_ok() {}
+    filler
+}
+
+/// The alert the command of [`SmallDisk`] wrote, once it has.
+async fn alert_written(dir: &std::path::Path) -> serde_json::Value {
+    let path = dir.join("alert.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text).expect("alert JSON");
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert");
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A full disk under the state and the trail: a request that needs a line in the trail is refused
 /// with the reason and changes nothing (no activation, nothing sent); `till status` says why; once
 /// there is space again Till goes on, with no restart and no broken line in the trail.
@@ -940,30 +1003,12 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
     let up = Upstream::start(None).await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let disk = dir.join("disk");
-    std::fs::create_dir(&disk).expect("mkdir");
     // Room for the store's two 8 MiB journals and a little more.
-    let Some(_mounted) = till_tests::Mounted::tmpfs(&disk, "24m") else {
+    let Some(small) = SmallDisk::start(dir, &up, "24m", true) else {
         eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
         return;
     };
-    let d = dir.display();
-    let text = till_tests::standard_config(dir, &up.url(), "")
-        .replace(
-            &format!("state_dir = \"{d}/state\""),
-            &format!("state_dir = \"{}/state\"", disk.display()),
-        )
-        .replace(
-            &format!("audit_log = \"{d}/audit.jsonl\""),
-            &format!("audit_log = \"{}/audit.jsonl\"", disk.display()),
-        );
-    assert!(text.contains(&format!("{}/audit.jsonl", disk.display())));
-    // The alert goes where there is room (the command's file is off the full disk).
-    let text = format!(
-        "{text}\n[alerts]\ncommand = \"cat > {d}/alert.tmp && mv {d}/alert.tmp {d}/alert.json\"\n"
-    );
-    std::fs::write(dir.join("till.toml"), text).expect("config");
-    let daemon = TestDaemon::start_in(dir);
+    let (daemon, disk) = (&small.daemon, &small.disk);
     let mut c = daemon.client().await;
     let t = c
         .mint(mint_req("echo", &["GET /**"], 1000))
@@ -973,16 +1018,7 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
         .await
         .expect("call");
 
-    // Fill the disk.
-    let filler = disk.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).expect("filler");
-        let chunk = vec![0u8; 1 << 20];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.write_all(&[0u8; 4096]);
-        while f.write_all(&[0u8; 1]).is_ok() {}
-    }
+    let filler = fill(disk);
     // The trail's last page may hold a few more lines; then a call is refused.
     let mut refused = None;
     for i in 0..200 {
@@ -1019,15 +1055,7 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
     );
 
     // Whoever watches the alerts hears of it, once.
-    let alert_file = dir.join("alert.json");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let alert: serde_json::Value = loop {
-        if let Ok(text) = std::fs::read_to_string(&alert_file) {
-            break serde_json::from_str(&text).expect("alert JSON");
-        }
-        assert!(std::time::Instant::now() < deadline, "no alert");
-        tokio::task::yield_now().await;
-    };
+    let alert = alert_written(dir).await;
     assert_eq!(alert["alert"], "audit_unwritable", "{alert}");
     assert!(
         alert["message"]
@@ -1063,5 +1091,87 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
         "{}{}",
         String::from_utf8_lossy(&verified.stdout),
         String::from_utf8_lossy(&verified.stderr)
+    );
+}
+
+/// A full disk under the store alone (the trail elsewhere): once the store cannot write, mints and
+/// activations are refused with the reason and nothing is sent; `till status` says why, and the
+/// `store_unwritable` alert is raised once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_write_refuses_says_why_and_alerts_once() {
+    let up = Upstream::start(None).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let Some(small) = SmallDisk::start(dir, &up, "20m", false) else {
+        eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
+        return;
+    };
+    let daemon = &small.daemon;
+    let mut c = daemon.client().await;
+    let held = c
+        .mint(mint_req("echo", &["GET /**"], 1000))
+        .await
+        .expect("mint");
+    fill(&small.disk);
+    // The journals were made whole at start, so the store goes on until redb, which must grow
+    // to take their records in, cannot: big notes get there sooner.
+    let note: String = "🔒".repeat(200);
+    let mut refusal = None;
+    for _ in 0..40_000 {
+        let mut req = mint_req("echo", &["GET /**"], 1);
+        req.note = Some(note.clone());
+        match c.mint(req).await {
+            Ok(_) => {}
+            Err(ClientError::Refused { message, .. }) => {
+                refusal = Some(message);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let message = refusal.expect("a mint refused once the store could not write");
+    assert!(
+        message.contains("could not record this durably"),
+        "{message}"
+    );
+    // What still fits in a journal is written, durably; what does not is refused, having sent
+    // and spent nothing.
+    let mut refused = false;
+    for i in 0..1000 {
+        let hits = up.hits();
+        let used = c.inspect(&held.token).await.expect("inspect").used;
+        match c
+            .call(call_req(&held.token, "GET", &format!("/a/{i}")))
+            .await
+        {
+            Ok(_) => assert_eq!(up.hits(), hits + 1),
+            Err(ClientError::Refused { message, .. }) => {
+                assert!(message.contains("nothing was sent"), "{message}");
+                assert_eq!(up.hits(), hits);
+                assert_eq!(c.inspect(&held.token).await.expect("inspect").used, used);
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "no call was refused");
+    let status = c.status().await.expect("status");
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("the store cannot write")),
+        "{:?}",
+        status.warnings
+    );
+    let alert = alert_written(dir).await;
+    assert_eq!(alert["alert"], "store_unwritable", "{alert}");
+    assert_eq!(
+        daemon
+            .log_text()
+            .matches("alert=\"store_unwritable\"")
+            .count(),
+        1
     );
 }

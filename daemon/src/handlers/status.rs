@@ -18,12 +18,7 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
         warnings: b
             .store
             .failure()
-            .map(|e| {
-                format!(
-                    "the store cannot write: {e}. Activations and revocations are refused until \
-                     it can; if the disk is full, free space and restart tilld"
-                )
-            })
+            .map(|e| crate::store::Store::warning(&e))
             .into_iter()
             .chain(b.audit.failure())
             .chain(b.audit.discontinuity().map(str::to_owned))
