@@ -31,11 +31,17 @@ pub const TRAIL_DISCONTINUITY: &str = "trail_discontinuity";
 /// revocations and mints are refused. Raised once each time it starts failing.
 pub const STORE_UNWRITABLE: &str = "store_unwritable";
 
-/// Raises [`STORE_UNWRITABLE`] each time the store starts failing, until `shutdown`. Watched,
-/// not raised by the requests that meet the failure: it can start on the committer's own
-/// schedule (a checkpoint), with no request in flight.
-pub fn watch_store(b: Broker, shutdown: tokio_util::sync::CancellationToken) {
-    let mut failure = b.store.watch_failure();
+/// Raises `kind` each time `failure` turns from nothing to something, saying `say(failure)`,
+/// until `shutdown`: once per failure, not once per request that meets it. Watched rather than
+/// raised by those requests, since a failure can start with none in flight (a store checkpoint
+/// fails on its own schedule).
+pub fn watch_failure(
+    b: Broker,
+    kind: &'static str,
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+    say: impl Fn(&str) -> String + Send + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     tokio::spawn(async move {
         let mut failing = failure.borrow_and_update().is_some();
         loop {
@@ -47,13 +53,7 @@ pub fn watch_store(b: Broker, shutdown: tokio_util::sync::CancellationToken) {
             }
             let now = failure.borrow_and_update().clone();
             if let (Some(e), false) = (&now, failing) {
-                raise(
-                    &b,
-                    STORE_UNWRITABLE,
-                    &Peer::daemon(),
-                    None,
-                    crate::store::Store::warning(e),
-                );
+                raise(&b, kind, &Peer::daemon(), None, say(e));
             }
             failing = now.is_some();
         }

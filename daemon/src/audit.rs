@@ -165,8 +165,8 @@ struct Writer {
     since_checkpoint: u64,
     /// Where the last checkpoint is remembered (see [`Head`]).
     head: File,
-    /// Why the last append failed, while it is the last: for `till status`.
-    failing: Option<String>,
+    /// Why the last append failed, while it is the last: for `till status` and the alert.
+    failing: Failing,
 }
 
 impl Writer {
@@ -186,12 +186,12 @@ impl Writer {
         })
         .map_err(|e| {
             tracing::error!(error = %e, "audit write failed");
-            self.failing = Some(e.to_string());
+            self.failing.send_replace(Some(e.to_string()));
             "the audit trail could not be written".to_string()
         })?;
-        if self.failing.is_some() {
+        if self.failing.borrow().is_some() {
             tracing::warn!("the audit trail can be written again");
-            self.failing = None;
+            self.failing.send_replace(None);
         }
         self.size += line.len() as u64;
         self.seq = seq;
@@ -335,9 +335,13 @@ fn reaches(path: &Path, last: (u64, &str), head: &Head) -> std::io::Result<bool>
         .is_some_and(|(_, h)| h == head.hash))
 }
 
+/// Why appends fail (see [`Audit::failure`]), shared by the writer and the readers.
+type Failing = Arc<tokio::sync::watch::Sender<Option<String>>>;
+
 #[derive(Clone)]
 pub struct Audit {
     writer: Arc<Mutex<Writer>>,
+    failing: Failing,
     path: PathBuf,
     /// Set at open when the trail did not reach its recorded head: what happened, for the alert
     /// and for `till status`.
@@ -408,7 +412,9 @@ impl Audit {
             }
             _ => {}
         }
+        let failing: Failing = Arc::new(tokio::sync::watch::Sender::new(None));
         Ok(Audit {
+            failing: failing.clone(),
             writer: Arc::new(Mutex::new(Writer {
                 path: path.to_owned(),
                 size: file.metadata().map(|m| m.len()).unwrap_or(0),
@@ -420,7 +426,7 @@ impl Audit {
                 signer,
                 since_checkpoint: 0,
                 head: head_file,
-                failing: None,
+                failing,
             })),
             path: path.to_owned(),
             discontinuity,
@@ -430,14 +436,21 @@ impl Audit {
     /// Why the last line could not be written, while no line since could: every request that
     /// needs one is refused meanwhile.
     pub fn failure(&self) -> Option<String> {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.failing.as_ref().map(|e| {
-            format!(
-                "the audit trail {} cannot be written ({e}): Till refuses every request that needs \
-                 an audit line until it can; if its disk is full, free space (no restart needed)",
-                w.path.display()
-            )
-        })
+        self.failing.borrow().as_deref().map(|e| self.warning(e))
+    }
+
+    /// [`Audit::failure`] said for `till status` and the alert.
+    pub fn warning(&self, failure: &str) -> String {
+        format!(
+            "the audit trail {} cannot be written ({failure}): Till refuses every request that \
+             needs an audit line until it can; if its disk is full, free space (no restart needed)",
+            self.path.display()
+        )
+    }
+
+    /// Why the last line could not be written, as it changes.
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failing.subscribe()
     }
 
     /// What [`Audit::open`] found if the trail did not reach its recorded head.

@@ -118,8 +118,6 @@ pub struct Inner {
     pub started: Instant,
     pub metrics: crate::metrics::Metrics,
     pub(crate) bursts: crate::alerts::Bursts,
-    /// Whether the `audit_unwritable` alert was raised for the trail's current failure.
-    audit_alerted: std::sync::atomic::AtomicBool,
     /// Connections per uid to the native and MCP sockets together (`socket_max_connections`).
     pub(crate) socket_connections: Arc<crate::server::OpenConnections>,
     mismatched: Mutex<std::collections::HashSet<TokenId>>,
@@ -192,7 +190,6 @@ impl Broker {
             started: Instant::now(),
             metrics: crate::metrics::Metrics::default(),
             bursts: crate::alerts::Bursts::default(),
-            audit_alerted: std::sync::atomic::AtomicBool::new(false),
             socket_connections: Arc::new(crate::server::OpenConnections::new(
                 "connections to the sockets",
                 "daemon.socket_max_connections",
@@ -345,33 +342,9 @@ impl Broker {
 
     /// Appends an audit event; a failure becomes a refusal (fail closed).
     pub fn audit(&self, kind: EventKind, event: Event) -> Result<(), Refusal> {
-        use std::sync::atomic::Ordering::Relaxed;
-        match self.audit.record(kind, event) {
-            Ok(()) => {
-                if self.audit_alerted.load(Relaxed) {
-                    self.audit_alerted.store(false, Relaxed);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Every request that needs a line is refused now: whoever watches the alerts
-                // hears it once per failure, not once per request.
-                if !self.audit_alerted.swap(true, Relaxed)
-                    && let Some(what) = self.audit.failure()
-                {
-                    crate::alerts::raise(
-                        self,
-                        crate::alerts::AUDIT_UNWRITABLE,
-                        &Peer::daemon(),
-                        None,
-                        what,
-                    );
-                }
-                Err(Refusal::internal(format!(
-                    "{e}; Till refuses to act without an audit record"
-                )))
-            }
-        }
+        self.audit.record(kind, event).map_err(|e| {
+            Refusal::internal(format!("{e}; Till refuses to act without an audit record"))
+        })
     }
 
     /// Records a denial in the trail and returns the refusal to send back.

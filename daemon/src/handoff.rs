@@ -172,8 +172,9 @@ impl Transport<RoleServer> for HostTransport {
                 }
                 Err(e) => {
                     // As rmcp does: input that is not JSON is ignored (answering it can start an
-                    // error storm with a peer that echoes), and so is a notification of a kind
-                    // this server does not know; JSON of the wrong shape is an invalid request.
+                    // error storm with a peer that echoes), and so is a notification that does not
+                    // parse (it gets no answer anyway); other JSON of the wrong shape is an
+                    // invalid request.
                     let value = serde_json::from_slice::<serde_json::Value>(text).ok();
                     let Some(value) = value else {
                         tracing::debug!(bytes = text.len(), "ignoring MCP input that is not JSON");
@@ -185,7 +186,13 @@ impl Transport<RoleServer> for HostTransport {
                     if id.is_none() && value.get("method").is_some() {
                         continue;
                     }
-                    tracing::debug!(error = %e, "an MCP message of the wrong shape");
+                    // Its kind and place, never its text: serde quotes values, a token perhaps.
+                    tracing::debug!(
+                        bytes = text.len(),
+                        kind = ?e.classify(),
+                        column = e.column(),
+                        "an MCP message of the wrong shape"
+                    );
                     let reply = ServerJsonRpcMessage::error(
                         ErrorData::invalid_request("Invalid request", None),
                         id,

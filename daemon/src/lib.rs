@@ -261,7 +261,21 @@ pub async fn run(
     ));
     reload::spawn(broker.clone(), shutdown.clone())?;
     spawn_sweeper(broker.clone(), shutdown.clone());
-    alerts::watch_store(broker.clone(), shutdown.clone());
+    alerts::watch_failure(
+        broker.clone(),
+        alerts::STORE_UNWRITABLE,
+        broker.store.watch_failure(),
+        store::Store::warning,
+        shutdown.clone(),
+    );
+    let trail = broker.audit.clone();
+    alerts::watch_failure(
+        broker.clone(),
+        alerts::AUDIT_UNWRITABLE,
+        broker.audit.watch_failure(),
+        move |e| trail.warning(e),
+        shutdown.clone(),
+    );
     notify("READY=1");
     ready();
     // Pings only from readiness on: before it, systemd's start timeout is what applies.

@@ -932,9 +932,17 @@ async fn a_socket_directory_others_control_is_refused() {
     c.status().await.expect("status");
 }
 
-/// A `tilld` whose state (and, with `trail_too`, its audit trail) is on a small tmpfs at
-/// `dir/disk`, with an alert command that writes `dir/alert.json` (off the small disk). Fields
-/// drop in order: the daemon stops before the tmpfs is unmounted.
+/// What a [`SmallDisk`] holds: the audit trail, or the state (store and keys). One only, so a
+/// test of the one is not also, at some moment, a test of the other.
+#[derive(Clone, Copy)]
+enum Holds {
+    Trail,
+    State,
+}
+
+/// A `tilld` with its trail or its state on a small tmpfs at `dir/disk`, and an alert command
+/// that writes `dir/alert.json` (off the small disk). Fields drop in order: the daemon stops
+/// before the tmpfs is unmounted.
 struct SmallDisk {
     daemon: TestDaemon,
     disk: std::path::PathBuf,
@@ -943,22 +951,24 @@ struct SmallDisk {
 
 impl SmallDisk {
     /// `None` when no tmpfs may be mounted here (the caller skips).
-    fn start(dir: &std::path::Path, up: &Upstream, size: &str, trail_too: bool) -> Option<Self> {
+    fn start(dir: &std::path::Path, up: &Upstream, size: &str, holds: Holds) -> Option<Self> {
         let disk = dir.join("disk");
         std::fs::create_dir(&disk).expect("mkdir");
         let mounted = till_tests::Mounted::tmpfs(&disk, size)?;
         let (d, k) = (dir.display(), disk.display());
-        let mut text = till_tests::standard_config(dir, &up.url(), "").replace(
-            &format!("state_dir = \"{d}/state\""),
-            &format!("state_dir = \"{k}/state\""),
-        );
-        if trail_too {
-            text = text.replace(
-                &format!("audit_log = \"{d}/audit.jsonl\""),
-                &format!("audit_log = \"{k}/audit.jsonl\""),
-            );
-            assert!(text.contains(&format!("{k}/audit.jsonl")));
-        }
+        let (from, to) = match holds {
+            Holds::Trail => (
+                format!("audit_log = \"{d}/audit.jsonl\""),
+                format!("audit_log = \"{k}/audit.jsonl\""),
+            ),
+            Holds::State => (
+                format!("state_dir = \"{d}/state\""),
+                format!("state_dir = \"{k}/state\""),
+            ),
+        };
+        let mut text = till_tests::standard_config(dir, &up.url(), "");
+        assert!(text.contains(&from));
+        text = text.replace(&from, &to);
         text.push_str(&format!(
             "\n[alerts]\ncommand = \"cat > {d}/alert.tmp && mv {d}/alert.tmp {d}/alert.json\"\n"
         ));
@@ -982,6 +992,35 @@ fn fill(disk: &std::path::Path) -> std::path::PathBuf {
     filler
 }
 
+/// Spends `token` on `GET /{label}/N` until a call is refused, at most `tries` times: each call
+/// that goes reaches the upstream, and the refused one sent and spent nothing. Its message.
+async fn spend_until_refused(
+    c: &mut Client,
+    up: &Upstream,
+    token: &str,
+    label: &str,
+    tries: u32,
+) -> String {
+    for i in 0..tries {
+        let hits = up.hits();
+        let used = c.inspect(token).await.expect("inspect").used;
+        match c
+            .call(call_req(token, "GET", &format!("/{label}/{i}")))
+            .await
+        {
+            Ok(_) => assert_eq!(up.hits(), hits + 1),
+            Err(ClientError::Refused { message, .. }) => {
+                assert_eq!(up.hits(), hits, "a refused call sent nothing");
+                let after = c.inspect(token).await.expect("inspect").used;
+                assert_eq!(after, used, "a refused call spent nothing");
+                return message;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no call was refused in {tries} tries");
+}
+
 /// The alert the command of [`SmallDisk`] wrote, once it has.
 async fn alert_written(dir: &std::path::Path) -> serde_json::Value {
     let path = dir.join("alert.json");
@@ -995,7 +1034,7 @@ async fn alert_written(dir: &std::path::Path) -> serde_json::Value {
     }
 }
 
-/// A full disk under the state and the trail: a request that needs a line in the trail is refused
+/// A full disk under the trail: a request that needs a line in the trail is refused
 /// with the reason and changes nothing (no activation, nothing sent); `till status` says why; once
 /// there is space again Till goes on, with no restart and no broken line in the trail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1003,8 +1042,7 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
     let up = Upstream::start(None).await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    // Room for the store's two 8 MiB journals and a little more.
-    let Some(small) = SmallDisk::start(dir, &up, "24m", true) else {
+    let Some(small) = SmallDisk::start(dir, &up, "4m", Holds::Trail) else {
         eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
         return;
     };
@@ -1020,26 +1058,7 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
 
     let filler = fill(disk);
     // The trail's last page may hold a few more lines; then a call is refused.
-    let mut refused = None;
-    for i in 0..200 {
-        let hits = up.hits();
-        let before = c.inspect(&t.token).await.expect("inspect").used;
-        match c
-            .call(call_req(&t.token, "GET", &format!("/full/{i}")))
-            .await
-        {
-            Ok(_) => continue,
-            Err(ClientError::Refused { message, .. }) => {
-                assert_eq!(up.hits(), hits, "a refused call sent nothing");
-                let after = c.inspect(&t.token).await.expect("inspect").used;
-                assert_eq!(after, before, "a refused call spent nothing");
-                refused = Some(message);
-                break;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    let message = refused.expect("a call refused on the full disk");
+    let message = spend_until_refused(&mut c, &up, &t.token, "full", 200).await;
     assert!(
         message.contains("audit trail could not be written"),
         "{message}"
@@ -1102,7 +1121,7 @@ async fn a_store_that_cannot_write_refuses_says_why_and_alerts_once() {
     let up = Upstream::start(None).await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let Some(small) = SmallDisk::start(dir, &up, "20m", false) else {
+    let Some(small) = SmallDisk::start(dir, &up, "20m", Holds::State) else {
         eprintln!("skipped: needs root, and a machine that lets it mount a tmpfs");
         return;
     };
@@ -1136,26 +1155,8 @@ async fn a_store_that_cannot_write_refuses_says_why_and_alerts_once() {
     );
     // What still fits in a journal is written, durably; what does not is refused, having sent
     // and spent nothing.
-    let mut refused = false;
-    for i in 0..1000 {
-        let hits = up.hits();
-        let used = c.inspect(&held.token).await.expect("inspect").used;
-        match c
-            .call(call_req(&held.token, "GET", &format!("/a/{i}")))
-            .await
-        {
-            Ok(_) => assert_eq!(up.hits(), hits + 1),
-            Err(ClientError::Refused { message, .. }) => {
-                assert!(message.contains("nothing was sent"), "{message}");
-                assert_eq!(up.hits(), hits);
-                assert_eq!(c.inspect(&held.token).await.expect("inspect").used, used);
-                refused = true;
-                break;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    assert!(refused, "no call was refused");
+    let message = spend_until_refused(&mut c, &up, &held.token, "a", 1000).await;
+    assert!(message.contains("nothing was sent"), "{message}");
     let status = c.status().await.expect("status");
     assert!(
         status
