@@ -607,6 +607,16 @@ impl Broker {
         gone.len()
     }
 
+    /// Removes a one-shot token minted for a call that was refused before anything went
+    /// upstream. Nobody holds it (the daemon minted it for that one request), so it goes rather
+    /// than stay behind, live or spent, as a token nobody asked for.
+    pub fn forget(&self, id: TokenId) {
+        let mut map = self.tokens();
+        map.remove(&id);
+        // Under the state lock, so the removal is queued after the record's own write.
+        self.store.remove(&[id.0]);
+    }
+
     /// Gives back an activation whose durable commit failed (nothing was sent upstream).
     pub fn unreserve(&self, id: TokenId) {
         let mut map = self.tokens();

@@ -26,6 +26,16 @@ fn call_req(token: &str, method: &str, path: &str) -> CallRequest {
     }
 }
 
+/// A call with no token: the daemon mints a one-shot token of `echo` for exactly `GET path`.
+fn one_shot_req(path: &str) -> CallRequest {
+    CallRequest {
+        service: Some("echo".into()),
+        method: "GET".into(),
+        path: path.into(),
+        ..CallRequest::default()
+    }
+}
+
 /// Mints a one-activation `GET /**` token for `service` and spends it on `GET path`.
 async fn call_once(c: &mut Client, service: &str, path: &str) -> Result<CallReply, ClientError> {
     let t = c
@@ -1089,6 +1099,24 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
             .await
             .is_err()
     );
+    // A call with no token, for which the daemon mints a one-shot token, is refused the same
+    // way, and leaves no token behind: its mint line could not be written either.
+    let tokens = c.tokens(true).await.expect("tokens").count;
+    let hits = up.hits();
+    let message = match c.call(one_shot_req("/one-shot")).await {
+        Err(ClientError::Refused { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(
+        message.contains("audit trail could not be written"),
+        "{message}"
+    );
+    assert_eq!(up.hits(), hits, "a refused one-shot call sent nothing");
+    assert_eq!(
+        c.tokens(true).await.expect("tokens").count,
+        tokens,
+        "a refused one-shot call left a token behind"
+    );
     assert_eq!(
         daemon
             .log_text()
@@ -1157,6 +1185,27 @@ async fn a_store_that_cannot_write_refuses_says_why_and_alerts_once() {
     // and spent nothing.
     let message = spend_until_refused(&mut c, &up, &held.token, "a", 1000).await;
     assert!(message.contains("nothing was sent"), "{message}");
+    // So is a call with no token, and its one-shot token does not stay behind.
+    let mut refused = false;
+    for i in 0..1000 {
+        let (tokens, hits) = (c.tokens(true).await.expect("tokens").count, up.hits());
+        match c.call(one_shot_req(&format!("/b/{i}"))).await {
+            Ok(_) => assert_eq!(up.hits(), hits + 1),
+            Err(ClientError::Refused { message, .. }) => {
+                assert!(message.contains("nothing was sent"), "{message}");
+                assert_eq!(up.hits(), hits, "a refused one-shot call sent nothing");
+                assert_eq!(
+                    c.tokens(true).await.expect("tokens").count,
+                    tokens,
+                    "a refused one-shot call left a token behind"
+                );
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "no one-shot call was refused");
     let status = c.status().await.expect("status");
     assert!(
         status

@@ -115,12 +115,29 @@ pub async fn activate(
         return Err(b.deny(peer, event, refusal));
     }
     let fresh = one_shot.then(|| TokenRecord::from_claims(&claims, peer, Some("one-shot".into())));
+    // A refusal from here on changes nothing: the activation is given back, or a one-shot token
+    // minted for this request is removed.
+    let give_back = || {
+        if one_shot {
+            b.forget(claims.id);
+        } else {
+            b.unreserve(claims.id);
+        }
+    };
     let (durable, remaining, budgeted) = match b.reserve(claims.id, fresh) {
         Ok(x) => x,
-        Err(refusal) => return Err(b.deny(peer, event, refusal)),
+        Err(refusal) => {
+            if one_shot {
+                b.forget(claims.id);
+            }
+            return Err(b.deny(peer, event, refusal));
+        }
     };
     if one_shot {
-        b.audit(EventKind::Mint, mint_event(peer, &claims))?;
+        if let Err(refusal) = b.audit(EventKind::Mint, mint_event(peer, &claims)) {
+            give_back();
+            return Err(refusal);
+        }
         b.metrics.mint();
     }
     // The activation's audit line is written while its commit is in flight on the committer
@@ -134,7 +151,7 @@ pub async fn activate(
         paid: std::sync::atomic::AtomicBool::new(audited.is_err()),
     };
     if let Err(e) = durable.wait_or_lead(in_flight.alone()).await {
-        b.unreserve(claims.id);
+        give_back();
         let refusal = Refusal::internal(format!(
             "{e}; the activation was given back and nothing was sent upstream"
         ));
@@ -153,7 +170,7 @@ pub async fn activate(
         // Nothing goes upstream without its `activate` line, so nothing is spent either: the
         // activation is given back (a crash before that reaches the store leaves it spent, the
         // safe side).
-        b.unreserve(claims.id);
+        give_back();
         return Err(refusal);
     }
     b.metrics.activation();
