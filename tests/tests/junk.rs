@@ -1,5 +1,6 @@
-//! Randomized bad input on the native socket and the gateway: thousands of requests made by
-//! mutating good ones. Whatever comes in, each gets an answer or a closed connection (never a hang),
+//! Randomized bad input on every way in (the native socket, the gateway, `till mcp`): thousands of
+//! requests made by mutating good ones. Whatever comes in, each gets an answer or a closed
+//! connection (never a hang),
 //! no answer carries a key, and afterwards the daemon still serves, its trail still verifies and
 //! its log holds no panic. The seed is printed; `TILL_JUNK_SEED=N` replays a run.
 
@@ -611,4 +612,163 @@ fn dechunk(answer: &[u8]) -> Vec<u8> {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A line-oriented MCP host on `till mcp`'s stdio: writes JSON-RPC lines, reads them back.
+struct McpHost {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl McpHost {
+    fn start(socket: &std::path::Path) -> McpHost {
+        let mut child = std::process::Command::new(till_tests::bin("till"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("mcp")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn till mcp");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        McpHost {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, line: &[u8]) {
+        self.stdin.write_all(line).expect("write to till mcp");
+        self.stdin.write_all(b"\n").expect("write to till mcp");
+    }
+
+    /// The answer to request `id`, skipping notifications; every line is checked for keys.
+    fn answer(&mut self, id: u64) -> Value {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("no answer to request {id}: {e}"));
+            assert_no_key(line.as_bytes(), "an MCP message");
+            let v: Value = serde_json::from_str(&line).expect("every MCP message is JSON");
+            if v["id"] == json!(id) {
+                return v;
+            }
+        }
+    }
+}
+
+/// An agent host that sends tool calls with mutated arguments (and now and then an unknown tool):
+/// each gets an answer with its id (a result, a refusal, or a JSON-RPC error for arguments of the
+/// wrong shape), none carries a key, and the session goes on to make a good call at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_tool_calls_through_till_mcp_get_answers_and_the_session_goes_on() {
+    let up = Upstream::start(None).await;
+    let d = TestDaemon::start(&up);
+    let token = d.mint("echo", "* /**", 1000).await.token;
+    let socket = d.socket.clone();
+    let rounds = 400;
+    let seed = seeded().next() | 1;
+    let (outcomes, hits) = tokio::task::spawn_blocking(move || {
+        let mut rng = Rng(seed);
+        let mut host = McpHost::start(&socket);
+        host.send(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "junk host", "version": "1"}}})
+            .to_string()
+            .as_bytes(),
+        );
+        assert!(host.answer(0)["result"].is_object(), "initialize failed");
+        host.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        let good = [
+            ("list_services", json!({})),
+            (
+                "request_token",
+                json!({"service": "echo", "allow": ["GET /a/*"], "uses": 2, "ttl_seconds": 60, "purpose": "p"}),
+            ),
+            (
+                "call_api",
+                json!({"token": token, "method": "POST", "path": "/junk", "query": {"a": "b"}, "headers": {"x-a": "b"}, "body": "hi"}),
+            ),
+            (
+                "call_api",
+                json!({"service": "echo", "method": "GET", "path": "/junk"}),
+            ),
+            ("token_status", json!({"token": token})),
+        ];
+        let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+        for id in 1..=rounds {
+            let (mut tool, mut args) = good[rng.below(good.len())].clone();
+            if rng.chance(8) {
+                tool = rng.pick(&["revoke_tokenx", "", "call_api\0", "🔒"]);
+            }
+            if rng.chance(5) {
+                // A line that is not a JSON-RPC message at all, before the call.
+                host.send(rng.pick(&[&b"not json"[..], b"{", b"[]", b"{\"jsonrpc\":\"2.0\"}", b"\"x\""]));
+            }
+            for _ in 0..rng.below(3) {
+                mutate_request(&mut args, &mut rng, &token);
+            }
+            host.send(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                    "params": {"name": tool, "arguments": args}})
+                .to_string()
+                .as_bytes(),
+            );
+            let answer = host.answer(id);
+            let outcome = if answer["error"].is_object() {
+                let message = answer["error"]["message"].as_str().unwrap_or_default();
+                assert!(!message.is_empty(), "an error without a reason: {answer}");
+                "protocol error"
+            } else if answer["result"]["isError"] == json!(true) {
+                "refused"
+            } else {
+                assert!(answer["result"].is_object(), "{answer}");
+                "served"
+            };
+            *outcomes.entry(outcome.into()).or_default() += 1;
+        }
+        // The session goes on.
+        let hits = up.hits();
+        host.send(
+            json!({"jsonrpc": "2.0", "id": rounds + 1, "method": "tools/call", "params": {
+                "name": "call_api", "arguments": {"service": "echo", "method": "GET", "path": "/after"}}})
+            .to_string()
+            .as_bytes(),
+        );
+        let answer = host.answer(rounds + 1);
+        assert_ne!(answer["result"]["isError"], json!(true), "{answer}");
+        assert_eq!(up.hits(), hits + 1);
+        let _ = host.child.kill();
+        let _ = host.child.wait();
+        (outcomes, up.hits())
+    })
+    .await
+    .expect("mcp junk");
+    eprintln!("MCP outcomes: {outcomes:?}");
+    for outcome in ["served", "refused", "protocol error"] {
+        assert!(
+            outcomes.get(outcome).is_some_and(|n| *n >= 10),
+            "{outcomes:?}"
+        );
+    }
+    assert!(hits >= 20, "{hits} sent upstream");
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_no_key(log.as_bytes(), "the log");
 }
