@@ -1,8 +1,8 @@
 //! Randomized bad input on every way in (the native socket, the gateway, `till mcp`): thousands of
 //! requests made by mutating good ones. Whatever comes in, each gets an answer or a closed
-//! connection (never a hang),
-//! no answer carries a key, and afterwards the daemon still serves, its trail still verifies and
-//! its log holds no panic. The seed is printed; `TILL_JUNK_SEED=N` replays a run.
+//! connection (never a hang), no answer carries a key, and afterwards the daemon still serves, its
+//! trail still verifies and its log holds no panic. The seed is printed; `TILL_JUNK_SEED=N`
+//! replays a run.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
