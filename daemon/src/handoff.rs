@@ -9,12 +9,13 @@
 //! on drop returns the unread rest; rmcp's codec still writes the answers.
 //!
 //! The lifeline (the hand-off's connection, which `till mcp` holds) carries [`McpNotice`]s: the
-//! host's `initialize` parameters once the session is up, then either `end` (the host left) or
-//! `resume` and the pending input (this daemon is stopping). `till mcp` hands a resumed session
-//! to the next daemon with [`till_protocol::MCP_RESUME`]; without any notice (the daemon was
-//! killed) it resumes too, with nothing pending.
+//! host's `initialize` parameters once the session is up, the requests open at each moment
+//! (`open`), then either `end` (the host left) or `resume` and the pending input (this daemon is
+//! stopping). `till mcp` hands a resumed session to the next daemon with
+//! [`till_protocol::MCP_RESUME`]; without any notice (the daemon was killed) it answers the
+//! requests last reported open with what happened, and resumes too, with nothing pending.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 
 use rmcp::ServiceExt;
@@ -23,15 +24,15 @@ use rmcp::model::{InitializeRequestParams, ServerJsonRpcMessage};
 use rmcp::service::RoleServer;
 use rmcp::transport::Transport;
 use rmcp::transport::async_rw::AsyncRwTransport;
-use till_protocol::{MCP_MAX_LINE_BYTES, MCP_NOTICE_MAX_BYTES, McpNotice, McpResume};
+use till_protocol::{MCP_MAX_LINE_BYTES, MCP_NOTICE_MAX_BYTES, McpNotice, McpResume, OpenRequest};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::mcp::{Reader, TillMcp, Writer};
 
-/// The requests a session has taken and not yet answered.
-type Open = watch::Sender<HashSet<RequestId>>;
+/// The requests a session has taken and not yet answered, with their methods.
+type Open = watch::Sender<HashMap<RequestId, String>>;
 
 /// rmcp's transport over the host's stdio, reading whole lines itself (see the module docs).
 pub struct HostTransport {
@@ -151,9 +152,9 @@ impl Transport<RoleServer> for HostTransport {
                 Ok(m) => {
                     match &m {
                         ClientJsonRpcMessage::Request(r) => {
-                            let id = r.id.clone();
+                            let (id, method) = (r.id.clone(), r.request.method().to_owned());
                             self.open.send_modify(|o| {
-                                o.insert(id);
+                                o.insert(id, method);
                             });
                         }
                         // A cancelled request gets no answer.
@@ -291,7 +292,7 @@ pub async fn serve(
     };
     let mut gone = std::pin::pin!(gone);
     let stop = CancellationToken::new();
-    let open = std::sync::Arc::new(watch::Sender::new(HashSet::new()));
+    let open = std::sync::Arc::new(watch::Sender::new(HashMap::new()));
     let (unread_tx, unread_rx) = oneshot::channel();
     let transport = HostTransport::new(input, output, stop.clone(), open.clone(), unread_tx);
 
@@ -329,15 +330,41 @@ pub async fn serve(
     };
     let ct = running.cancellation_token();
     let mut done = std::pin::pin!(running.waiting());
-    let ended = tokio::select! {
-        r = &mut done => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "mcp session ended");
+    // The open requests are reported REPORT_OPEN_AFTER a change, not at once: most requests are
+    // answered before then, and need no notice (each would wake `till mcp`).
+    let mut changed = open.subscribe();
+    let mut told = HashMap::new();
+    let report = tokio::time::sleep(REPORT_OPEN_AFTER);
+    let mut report = std::pin::pin!(report);
+    let mut armed = false;
+    let ended = loop {
+        tokio::select! {
+            r = &mut done => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "mcp session ended");
+                }
+                break Ended::HostLeft;
             }
-            Ended::HostLeft
+            _ = &mut gone => break Ended::Orphaned,
+            _ = shutdown.cancelled() => break Ended::Draining,
+            Ok(()) = changed.changed() => {
+                changed.borrow_and_update();
+                if !armed {
+                    report.as_mut().reset(tokio::time::Instant::now() + REPORT_OPEN_AFTER);
+                    armed = true;
+                }
+            }
+            () = &mut report, if armed => {
+                armed = false;
+                let now = open.borrow().clone();
+                if now != told {
+                    let requests = open_requests(&now);
+                    write_notice(&mut lifeline, &McpNotice::Open { requests }, &[]).await;
+                    tracing::debug!(open = now.len(), "open MCP requests reported to till mcp");
+                    told = now;
+                }
+            }
         }
-        _ = &mut gone => Ended::Orphaned,
-        _ = shutdown.cancelled() => Ended::Draining,
     };
     match ended {
         Ended::HostLeft => tell(&mut lifeline, None).await,
@@ -349,7 +376,7 @@ pub async fn serve(
             stop.cancel();
             let mut answered = open.subscribe();
             let drained = tokio::select! {
-                _ = answered.wait_for(HashSet::is_empty) => true,
+                _ = answered.wait_for(HashMap::is_empty) => true,
                 _ = &mut done => false,
                 _ = &mut gone => return,
             };
@@ -367,6 +394,22 @@ pub async fn serve(
             tell(&mut lifeline, Some(unread)).await;
         }
     }
+}
+
+/// How long after the set of open requests changes `till mcp` is told of it. A request answered
+/// sooner is never reported: if the daemon is killed in that moment, the host waits on it.
+const REPORT_OPEN_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The open requests as `till mcp` is told of them, so that if this daemon is killed the host
+/// still hears about them. Reported from a watch, so a burst of changes is one notice with the
+/// latest set.
+fn open_requests(open: &HashMap<RequestId, String>) -> Vec<OpenRequest> {
+    open.iter()
+        .map(|(id, method)| OpenRequest {
+            id: serde_json::to_value(id).unwrap_or_default(),
+            method: method.clone(),
+        })
+        .collect()
 }
 
 /// `Some(unread)`: resume with the next daemon; `None`: the session is over.
@@ -411,7 +454,7 @@ mod tests {
         let (host_in, input) = tokio::io::duplex(1 << 16);
         let (output, host_out) = tokio::io::duplex(1 << 16);
         let stop = CancellationToken::new();
-        let open = std::sync::Arc::new(watch::Sender::new(HashSet::new()));
+        let open = std::sync::Arc::new(watch::Sender::new(HashMap::new()));
         let (tx, rx) = oneshot::channel();
         let t = HostTransport::new(
             Box::new(input),
@@ -435,7 +478,7 @@ mod tests {
         assert!(
             matches!(first, ClientJsonRpcMessage::Request(ref r) if r.id == NumberOrString::Number(1))
         );
-        assert!(open.borrow().contains(&NumberOrString::Number(1)));
+        assert!(open.borrow().contains_key(&NumberOrString::Number(1)));
         // The second line is not whole yet: nothing comes, and the bytes wait in the transport.
         assert!(t.receive().now_or_never().is_none());
 

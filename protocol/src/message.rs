@@ -45,6 +45,20 @@ pub enum McpNotice {
     /// raw bytes follow this line: the host's input the daemon read but did not serve, which
     /// `till mcp` hands to the next daemon.
     Resume { pending: usize },
+    /// The requests the daemon has taken from the host and not yet answered, sent each time that
+    /// set changes. If the lifeline then breaks without a word (the daemon was killed), `till mcp`
+    /// answers each of them with what happened, so the host is not left waiting. An older
+    /// `till mcp` ignores this notice.
+    Open { requests: Vec<OpenRequest> },
+}
+
+/// A request of the host's that a daemon is serving ([`McpNotice::Open`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    /// The JSON-RPC id, as the host sent it (a number or a string).
+    pub id: serde_json::Value,
+    /// The JSON-RPC method (`tools/call`, ...), which decides the shape of the answer.
+    pub method: String,
 }
 
 /// The line after [`MCP_RESUME`], followed by `pending` raw bytes of the host's input.

@@ -403,17 +403,7 @@ async fn an_mcp_session_outlives_a_daemon_restart() {
 
     // A call in flight when the daemon is told to stop is finished, not dropped: the upstream
     // holds its answer until the daemon is shutting down.
-    let held = tokio::spawn({
-        let s = s.clone();
-        async move {
-            call(
-                &s,
-                "call_api",
-                json!({"service": "echo", "method": "GET", "path": "/stream"}),
-            )
-            .await
-        }
-    });
+    let held = held_call(&s);
     up.wait_hits(1).await;
     till_tests::signal(&d.child, libc::SIGTERM);
     d.wait_log("shutting down: finishing requests in flight")
@@ -459,6 +449,20 @@ async fn an_mcp_session_outlives_a_daemon_restart() {
         .cancel()
         .await
         .expect("close");
+}
+
+/// A `call_api` to the upstream's `/stream`, whose answer the upstream holds until
+/// `Upstream::release`: a call in flight for as long as a test needs one.
+fn held_call(s: &std::sync::Arc<Session>) -> tokio::task::JoinHandle<CallToolResult> {
+    let s = s.clone();
+    tokio::spawn(async move {
+        call(
+            &s,
+            "call_api",
+            json!({"service": "echo", "method": "GET", "path": "/stream"}),
+        )
+        .await
+    })
 }
 
 /// Bytes waiting in a pipe, asked of its write end (`FIONREAD`).
@@ -624,6 +628,41 @@ async fn after_a_crash_the_mcp_session_goes_on_and_without_a_daemon_it_says_why(
         "{msg}"
     );
     s.cancel().await.expect("close");
+}
+
+/// A request the daemon was serving when it was killed is answered by `till mcp` at once, with
+/// what happened: the host is not left waiting for its own timeout. The session then goes on with
+/// the next daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_killed_daemon_was_serving_is_answered_with_what_happened() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    let s = std::sync::Arc::new(stdio_session(&d.socket).await);
+    // The upstream holds this call's answer: it is in flight when the daemon dies.
+    let held = held_call(&s);
+    up.wait_hits(1).await;
+    d.wait_log("open MCP requests reported to till mcp open=1")
+        .await;
+    d.kill9();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), held)
+        .await
+        .expect("answered at once, not left waiting")
+        .expect("held call");
+    let msg = refusal(&answer);
+    assert!(
+        msg.contains("stopped while serving this request") && msg.contains("token_status"),
+        "{msg}"
+    );
+    let d2 = TestDaemon::start_in(&d.dir);
+    let services = structured(&call(&s, "list_services", json!({})).await);
+    assert!(services.to_string().contains("\"echo\""), "{services}");
+    assert!(!d2.log_text().contains(SECRET));
+    std::sync::Arc::into_inner(s)
+        .expect("no other holder")
+        .cancel()
+        .await
+        .expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,8 +82,14 @@ fn handed(
     loop {
         let pending = match hand_off(&stream, resume.as_deref(), &mut client) {
             Ok(Handed::Ended) => return Ok(After::Done),
-            Ok(Handed::Lost { pending }) => {
+            Ok(Handed::Lost {
+                pending,
+                unanswered,
+            }) => {
                 deadline = None;
+                if !unanswered.is_empty() {
+                    answer_unanswered(&unanswered);
+                }
                 pending
             }
             Err(e) if resume.is_none() => {
@@ -236,8 +242,48 @@ enum Handed {
     /// The session is over (the daemon said so): exit.
     Ended,
     /// The daemon stopped with the session open; `pending` is the host's input it read and did
-    /// not serve (nothing when it was killed).
-    Lost { pending: Vec<u8> },
+    /// not serve (nothing when it was killed). `unanswered`: the requests it was serving when it
+    /// was killed (a daemon that stops cleanly answers them first).
+    Lost {
+        pending: Vec<u8>,
+        unanswered: Vec<till_client::till_protocol::OpenRequest>,
+    },
+}
+
+/// Answers the requests a killed daemon had taken, so the host is not left waiting on them: a
+/// tool call with a tool error (what an agent reads), anything else with a JSON-RPC error.
+fn answer_unanswered(requests: &[till_client::till_protocol::OpenRequest]) {
+    use std::io::Write;
+    const WHY: &str = "Till's daemon stopped while serving this request (it was killed or \
+        crashed), so it was not answered. A call may have reached the upstream and spent its \
+        activation: check with token_status before trying again. Till's MCP server reconnects to \
+        the daemon by itself.";
+    let mut out = Vec::new();
+    for r in requests {
+        let answer = if r.method == "tools/call" {
+            serde_json::json!({"jsonrpc": "2.0", "id": r.id, "result": {
+                "content": [{"type": "text", "text": WHY}], "isError": true}})
+        } else {
+            serde_json::json!({"jsonrpc": "2.0", "id": r.id,
+                "error": {"code": -32603, "message": WHY}})
+        };
+        out.extend_from_slice(answer.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    eprintln!(
+        "till mcp: the daemon stopped with {} request(s) of the host's open; answering them",
+        requests.len()
+    );
+    // The daemon made the host's pipes non-blocking; the next one sets them so again.
+    let stdout = std::io::stdout();
+    let written = set_blocking(stdout.as_fd()).and_then(|()| {
+        let mut w = stdout.lock();
+        w.write_all(&out)?;
+        w.flush()
+    });
+    if let Err(e) = written {
+        eprintln!("till mcp: could not answer them ({e})");
+    }
 }
 
 /// Sends stdin and stdout to the daemon with the hand-off byte (or, with `resume`, the resume byte,
@@ -287,6 +333,7 @@ fn hand_off(
     }
     // The session runs in the daemon now. Follow what it says about it; however the lifeline
     // breaks without a word (the daemon was killed), the session can go on with the next one.
+    let mut open = Vec::new();
     loop {
         let mut line = Vec::new();
         match (&mut reader)
@@ -296,20 +343,28 @@ fn hand_off(
             Ok(0) | Err(_) => {
                 return Ok(Handed::Lost {
                     pending: Vec::new(),
+                    unanswered: open,
                 });
             }
             Ok(_) => {}
         }
         match serde_json::from_slice::<McpNotice>(&line) {
             Ok(McpNotice::Client { params }) => *client = Some(params),
+            Ok(McpNotice::Open { requests }) => open = requests,
             Ok(McpNotice::End) => return Ok(Handed::Ended),
             Ok(McpNotice::Resume { pending }) if pending <= MCP_MAX_LINE_BYTES => {
                 let mut bytes = vec![0u8; pending];
+                // Every request it took was answered before this.
+                let unanswered = Vec::new();
                 return match reader.read_exact(&mut bytes) {
-                    Ok(()) => Ok(Handed::Lost { pending: bytes }),
+                    Ok(()) => Ok(Handed::Lost {
+                        pending: bytes,
+                        unanswered,
+                    }),
                     // Cut short: the rest went with the daemon; the next one gets what is left.
                     Err(_) => Ok(Handed::Lost {
                         pending: Vec::new(),
+                        unanswered,
                     }),
                 };
             }
