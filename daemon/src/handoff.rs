@@ -348,21 +348,23 @@ pub async fn serve(
             _ = &mut gone => break Ended::Orphaned,
             _ = shutdown.cancelled() => break Ended::Draining,
             Ok(()) = changed.changed() => {
-                changed.borrow_and_update();
-                if !armed {
+                // A reported request that was answered is reported at once: else, killed in
+                // the next 10 ms, this daemon would have `till mcp` answer it a second time.
+                let answered = {
+                    let now = changed.borrow_and_update();
+                    told.keys().any(|id| !now.contains_key(id))
+                };
+                if answered {
+                    armed = false;
+                    report_open(&mut lifeline, &open, &mut told).await;
+                } else if !armed {
                     report.as_mut().reset(tokio::time::Instant::now() + REPORT_OPEN_AFTER);
                     armed = true;
                 }
             }
             () = &mut report, if armed => {
                 armed = false;
-                let now = open.borrow().clone();
-                if now != told {
-                    let requests = open_requests(&now);
-                    write_notice(&mut lifeline, &McpNotice::Open { requests }, &[]).await;
-                    tracing::debug!(open = now.len(), "open MCP requests reported to till mcp");
-                    told = now;
-                }
+                report_open(&mut lifeline, &open, &mut told).await;
             }
         }
     };
@@ -400,16 +402,27 @@ pub async fn serve(
 /// sooner is never reported: if the daemon is killed in that moment, the host waits on it.
 const REPORT_OPEN_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The open requests as `till mcp` is told of them, so that if this daemon is killed the host
-/// still hears about them. Reported from a watch, so a burst of changes is one notice with the
-/// latest set.
-fn open_requests(open: &HashMap<RequestId, String>) -> Vec<OpenRequest> {
-    open.iter()
+/// Tells `till mcp` the requests open now, unless that is what it was last told (`told`), so
+/// that if this daemon is killed the host still hears about them.
+async fn report_open(
+    lifeline: &mut tokio::net::unix::OwnedWriteHalf,
+    open: &Open,
+    told: &mut HashMap<RequestId, String>,
+) {
+    let now = open.borrow().clone();
+    if now == *told {
+        return;
+    }
+    let requests = now
+        .iter()
         .map(|(id, method)| OpenRequest {
             id: serde_json::to_value(id).unwrap_or_default(),
             method: method.clone(),
         })
-        .collect()
+        .collect();
+    write_notice(lifeline, &McpNotice::Open { requests }, &[]).await;
+    tracing::debug!(open = now.len(), "open MCP requests reported to till mcp");
+    *told = now;
 }
 
 /// `Some(unread)`: resume with the next daemon; `None`: the session is over.
