@@ -76,14 +76,28 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn load_or_create_key(path: &Path, what: &str) -> Result<SigningKey> {
     let key = if path.exists() {
         let text = read_private_file(path)?;
+        // What to do about a damaged key file, and what removing it costs.
+        let damaged = |why: String| {
+            let cost = if what == "signing" {
+                "every token signed with it will then be refused"
+            } else {
+                "the trail's checkpoints signed with it can then no longer be checked"
+            };
+            anyhow::anyhow!(
+                "{} is not a Till {what} key ({why}). Restore it from a backup, or remove it to \
+                 make a new one: {cost}",
+                path.display()
+            )
+        };
         let raw = Zeroizing::new(
             URL_SAFE_NO_PAD
                 .decode(text.trim_ascii())
-                .with_context(|| format!("{} is not a Till {what} key", path.display()))?,
+                .map_err(|e| damaged(e.to_string()))?,
         );
-        let seed: &[u8; 32] = raw.as_slice().try_into().map_err(|_| {
-            anyhow::anyhow!("{} is not a Till {what} key (wrong length)", path.display())
-        })?;
+        let seed: &[u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| damaged("wrong length".into()))?;
         SigningKey::from_bytes(seed)
     } else {
         let (key, encoded) = new_key()?;

@@ -240,12 +240,7 @@ impl Store {
     /// joined after the last `Store` clone is dropped, so the final batch is flushed.
     pub fn open(dir: &Path) -> Result<(Store, Vec<TokenRecord>, JoinHandle<()>)> {
         let path = dir.join("till.redb");
-        let db = Database::create(&path).with_context(|| {
-            format!(
-                "cannot open the store {} (is another tilld using this state_dir?)",
-                path.display()
-            )
-        })?;
+        let db = Database::create(&path).map_err(|e| open_failed(&path, e))?;
         let shown = path.display();
         let after = (|| -> Result<u64> {
             let tx = db.begin_write()?;
@@ -407,6 +402,39 @@ impl Store {
             shared: self.shared.clone(),
         }
     }
+}
+
+/// Why the store could not be opened, and what to do: the hint depends on the cause (another
+/// daemon holding the lock, a damaged file, the disk).
+fn open_failed(path: &Path, e: redb::DatabaseError) -> anyhow::Error {
+    use redb::{DatabaseError, StorageError};
+    let shown = path.display();
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            anyhow::anyhow!("cannot open the store {shown}: another tilld is using this state_dir")
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            damaged(path, &io.to_string())
+        }
+        DatabaseError::Storage(StorageError::Corrupted(why)) => damaged(path, &why),
+        DatabaseError::Storage(StorageError::Io(io)) => {
+            anyhow::anyhow!("cannot read the store {shown}: {io}")
+        }
+        other => anyhow::anyhow!("cannot open the store {shown}: {other}"),
+    }
+}
+
+/// A store file that is not what tilld wrote, and what to do about it.
+fn damaged(path: &Path, why: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the store {} is damaged ({why}). To start over, move till.redb and till.journal.* out of \
+         the state_dir: every token minted so far will then be refused as unknown (agents mint new \
+         ones), and the signing key and the audit trail stay. Restoring them from a backup instead \
+         would bring back older activation counts: tokens spent since could be spent again",
+        path.display()
+    )
 }
 
 /// How often an idle committer writes queued mints that no durable write has carried along.

@@ -942,6 +942,56 @@ async fn a_socket_directory_others_control_is_refused() {
     c.status().await.expect("status");
 }
 
+/// A second tilld on a state_dir another one is using (with a socket of its own, so the socket's
+/// lock does not stop it first) is told so; a damaged signing key or store file stops tilld with
+/// what happened and what to do (not, for the store, a hint about another daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_or_damaged_state_is_refused_with_what_to_do() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let own = format!("state_dir = \"{}/state\"", tmp.path().display());
+    let shared = format!("state_dir = \"{}/state\"", d.dir.display());
+    let text = till_tests::standard_config(tmp.path(), &up.url(), "");
+    assert!(text.contains(&own));
+    std::fs::write(tmp.path().join("till.toml"), text.replace(&own, &shared)).expect("config");
+    let Err(log) = TestDaemon::try_start_in(tmp.path()) else {
+        panic!("a second tilld started on a state_dir in use");
+    };
+    assert!(
+        log.contains("another tilld is using this state_dir"),
+        "{log}"
+    );
+
+    assert!(d.terminate().success());
+    let key = d.dir.join("state/signing.key");
+    let good = std::fs::read(&key).expect("signing key");
+    std::fs::write(&key, "not a key!").expect("damage the key");
+    let Err(log) = TestDaemon::try_start_in(&d.dir) else {
+        panic!("tilld started with a damaged signing key");
+    };
+    assert!(
+        log.contains("is not a Till signing key")
+            && log.contains("Restore it from a backup")
+            && log.contains("every token signed with it will then be refused"),
+        "{log}"
+    );
+    std::fs::write(&key, good).expect("restore the key");
+
+    let store = d.dir.join("state/till.redb");
+    let mut bytes = std::fs::read(&store).expect("store");
+    bytes[..16].copy_from_slice(b"not a redb file!");
+    std::fs::write(&store, bytes).expect("damage the store");
+    let Err(log) = TestDaemon::try_start_in(&d.dir) else {
+        panic!("tilld started on a damaged store");
+    };
+    assert!(
+        log.contains("is damaged") && log.contains("move till.redb and till.journal.*"),
+        "{log}"
+    );
+    assert!(!log.contains("another tilld"), "{log}");
+}
+
 /// What a [`SmallDisk`] holds: the audit trail, or the state (store and keys). One only, so a
 /// test of the one is not also, at some moment, a test of the other.
 #[derive(Clone, Copy)]
