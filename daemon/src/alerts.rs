@@ -10,7 +10,8 @@
 //! tilld left it: see `audit::Head`; raised by the daemon itself, so never a revocation),
 //! `audit_unwritable` (the trail cannot be written, so every request is refused; raised by the
 //! daemon once per failure, never a revocation), `store_unwritable` (the store cannot write, so
-//! activations are refused; likewise).
+//! activations are refused; likewise), `store_damaged` (at start, the store's journals were
+//! damaged and some records could not be replayed; raised by the daemon).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,6 +27,10 @@ const WINDOW_SECS: u64 = 10;
 
 /// The alert for a trail cut back or replaced while tilld was stopped.
 pub const TRAIL_DISCONTINUITY: &str = "trail_discontinuity";
+
+/// The alert for a store whose journals were found damaged at start: some activation counts or
+/// revocations made just before the stop are lost.
+pub const STORE_DAMAGED: &str = "store_damaged";
 
 /// The alert for a store that cannot write (a full disk, a failed checkpoint): activations,
 /// revocations and mints are refused. Raised once each time it starts failing.

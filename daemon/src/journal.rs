@@ -12,6 +12,10 @@
 //! At open, records are read from offset 0 while each is intact (checksum) and numbered one after
 //! the previous. Whatever follows is a torn record that was never acknowledged, or the remains of
 //! an earlier lap, numbered lower (a journal is only written again once a checkpoint holds it).
+//! The numbers of intact records found further on are returned too (`Opened::later`): an earlier
+//! lap's, which the store's checkpoint already holds, or, if the file was damaged after it was
+//! written, records written after the damaged one. The store reports those, and does not replay
+//! them: past a damaged record the file has no structure to trust (see `store.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,6 +40,14 @@ pub struct Entry {
 /// A record read back at open: its sequence number and its entries.
 pub type Replayed = (u64, Vec<Entry>);
 
+/// What a journal holds when it is opened.
+pub struct Opened {
+    /// The intact, consecutively numbered records from offset 0, oldest first.
+    pub records: Vec<Replayed>,
+    /// The numbers of intact records after the first that is not (see the module docs).
+    pub later: Vec<u64>,
+}
+
 pub struct Journal {
     file: File,
     head: u64,
@@ -45,7 +57,7 @@ impl Journal {
     /// Opens the journal at `path` (creating it zero-filled if absent or not whole) and returns its
     /// intact, consecutively numbered records from offset 0, oldest first. The journal is then
     /// positioned at offset 0: the caller must checkpoint what it needs of them before appending.
-    pub fn open(path: &Path) -> io::Result<(Journal, Vec<Replayed>)> {
+    pub fn open(path: &Path) -> io::Result<(Journal, Opened)> {
         let existing = std::fs::metadata(path).map(|m| m.len()).ok();
         let file = if existing == Some(SIZE) {
             OpenOptions::new().read(true).write(true).open(path)?
@@ -67,7 +79,24 @@ impl Journal {
             records.push((seq, entries));
             at += len;
         }
-        Ok((Journal { file, head: 0 }, records))
+        // From there on, any intact record (the one the run stopped at, if it is intact but out of
+        // sequence, included): found by its magic, trusted for its checksum.
+        let mut later = Vec::new();
+        let mut from = at;
+        while let Some(i) = bytes
+            .get(from..)
+            .and_then(|rest| memchr::memmem::find(rest, &MAGIC))
+        {
+            let start = from + i;
+            match read_record(&bytes[start..]) {
+                Some((seq, _, len)) => {
+                    later.push(seq);
+                    from = start + len;
+                }
+                None => from = start + 1,
+            }
+        }
+        Ok((Journal { file, head: 0 }, Opened { records, later }))
     }
 
     /// Whether a record with this payload fits before the end of the file.
@@ -201,6 +230,19 @@ fn decode(mut payload: &[u8]) -> Option<Vec<Entry>> {
     Some(entries)
 }
 
+/// Where each record read from offset 0 starts, and its length (for tests that damage one).
+#[cfg(test)]
+pub fn record_spans(path: &Path) -> Vec<(usize, usize)> {
+    let bytes = std::fs::read(path).expect("journal");
+    let mut spans = Vec::new();
+    let mut at = 0;
+    while let Some((_, _, len)) = read_record(&bytes[at..]) {
+        spans.push((at, len));
+        at += len;
+    }
+    spans
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,15 +262,17 @@ mod tests {
     fn records_come_back_in_order_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
-        let (mut j, replay) = Journal::open(&path).expect("open");
-        assert!(replay.is_empty());
+        let (mut j, opened) = Journal::open(&path).expect("open");
+        assert!(opened.records.is_empty());
         for n in 1..=5u8 {
             j.append(u64::from(n) + 10, &batch(n), n % 2 == 0)
                 .expect("append");
         }
         drop(j);
-        let (_, replay) = Journal::open(&path).expect("reopen");
+        let (_, opened) = Journal::open(&path).expect("reopen");
+        let replay = opened.records;
         assert_eq!(seqs(&replay), [11, 12, 13, 14, 15]);
+        assert!(opened.later.is_empty());
         assert_eq!(replay[0].1[0].value.as_deref(), Some(&[1u8; 300][..]));
         assert_eq!(replay[0].1[1].value, None);
 
@@ -237,8 +281,10 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.write_all_at(&[0xff; 8], rec_len * 3 + HEADER as u64 + 20)
             .expect("tear");
-        let (_, replay) = Journal::open(&path).expect("reopen");
-        assert_eq!(seqs(&replay), [11, 12, 13]);
+        let (_, opened) = Journal::open(&path).expect("reopen");
+        assert_eq!(seqs(&opened.records), [11, 12, 13]);
+        // ...but it is seen, for the store to report.
+        assert_eq!(opened.later, [15]);
     }
 
     #[test]
@@ -254,8 +300,10 @@ mod tests {
         j.append(20, &batch(7), true).expect("append");
         j.append(21, &batch(8), true).expect("append");
         drop(j);
-        let (_, replay) = Journal::open(&path).expect("reopen");
-        assert_eq!(seqs(&replay), [20, 21]);
+        let (_, opened) = Journal::open(&path).expect("reopen");
+        assert_eq!(seqs(&opened.records), [20, 21]);
+        // The earlier lap's remains, which a checkpoint holds.
+        assert_eq!(opened.later, [3, 4, 5, 6]);
     }
 
     #[test]
@@ -263,8 +311,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
         std::fs::write(&path, b"partial").expect("write");
-        let (_, replay) = Journal::open(&path).expect("open");
-        assert!(replay.is_empty());
+        let (_, opened) = Journal::open(&path).expect("open");
+        assert!(opened.records.is_empty() && opened.later.is_empty());
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), SIZE);
     }
 }

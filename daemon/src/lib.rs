@@ -228,6 +228,16 @@ pub async fn run(
             },
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(what) = broker.store.damage() {
+        tracing::error!("{what}");
+        alerts::raise(
+            &broker,
+            alerts::STORE_DAMAGED,
+            &Peer::daemon(),
+            None,
+            what.to_owned(),
+        );
+    }
     if let Some(what) = audit.discontinuity() {
         alerts::raise(
             &broker,

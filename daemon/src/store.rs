@@ -24,7 +24,8 @@
 //! anything was written), or once the journal is half full, it asks for a checkpoint of everything
 //! so far and switches to the other journal, if that one's checkpoint is done (else it goes on in
 //! this one; a full journal waits for it). So a checkpoint never holds up a durable write. At open,
-//! the intact records of both journals numbered after redb's checkpoint are replayed, in order.
+//! the intact records of both journals numbered after redb's checkpoint are replayed, in order;
+//! one that cannot be (a journal damaged while the daemon was stopped) is reported, not replayed.
 //!
 //! Jobs are queued while the broker holds its state lock, so the queue's order is the order of the
 //! changes and a later snapshot of a record always lands after an earlier one.
@@ -177,6 +178,8 @@ impl Drop for Closer {
 pub struct Store {
     shared: Arc<Shared>,
     _closer: Arc<Closer>,
+    /// What the journals lost while the daemon was stopped (a damaged file), found at open.
+    damage: Option<Arc<str>>,
 }
 
 /// Waits for a durable write; dropping it does not cancel the write (the committer writes it).
@@ -258,32 +261,54 @@ impl Store {
         // gap, and checkpoint it; both journals are then free.
         let mut journals = Vec::new();
         let mut found = Vec::new();
+        // Intact records past the checkpoint that cannot be replayed: after a gap, or after a
+        // record that is not intact. Only a damaged file leaves them.
+        let mut stranded = Vec::new();
         for name in JOURNALS {
             let jpath = dir.join(name);
-            let (j, records) = Journal::open(&jpath)
+            let (j, opened) = Journal::open(&jpath)
                 .with_context(|| format!("cannot open the store's journal {}", jpath.display()))?;
             journals.push(j);
-            found.extend(records.into_iter().filter(|(seq, _)| *seq > after));
+            found.extend(opened.records.into_iter().filter(|(seq, _)| *seq > after));
+            stranded.extend(opened.later.into_iter().filter(|seq| *seq > after));
         }
         found.sort_by_key(|(seq, _)| *seq);
         let mut last = after;
         let mut pending = Pending::default();
         for (seq, entries) in found {
             if seq != last + 1 {
-                break;
+                stranded.push(seq);
+                continue;
             }
             last = seq;
             pending.add(entries.into_iter().map(|e| (e.key, e.value)));
         }
+        let damage = stranded.iter().max().map(|&newest| {
+            format!(
+                "the store's journals were damaged (or cut short by a power failure) while tilld \
+                 was stopped: {} record(s) written after record {} could not be replayed (the \
+                 newest is record {newest}). Activation \
+                 counts and revocations made in the moments before the stop may be lost, so a \
+                 token could be spent again or a revoked one used; `till revoke --all` if that \
+                 matters",
+                stranded.len(),
+                last
+            )
+        });
+        // New records are numbered past every stranded one, which may still be in a journal:
+        // a later replay must never take an old record for a new one.
+        let next_seq = stranded.iter().copied().max().unwrap_or(last).max(last) + 1;
         if last > after {
             tracing::info!(
                 records = last - after,
                 "replaying the store's journal after an unclean stop"
             );
         }
-        pending.checkpoint(&db, last).with_context(|| {
+        // Noting the stranded records as done: the next replay starts after them.
+        pending.checkpoint(&db, next_seq - 1).with_context(|| {
             format!("cannot write what the journals hold into the store {shown}")
         })?;
+        tracing::debug!(seq = next_seq - 1, "store checkpoint written");
         let mut records = Vec::new();
         {
             let read = db.begin_read()?;
@@ -311,7 +336,7 @@ impl Store {
             writer: Mutex::new(Writer {
                 journals: [a, b],
                 active: 0,
-                next_seq: last + 1,
+                next_seq,
                 checkpointer,
                 last_switch: Instant::now(),
                 pending: Pending::default(),
@@ -327,6 +352,7 @@ impl Store {
             Store {
                 _closer: Arc::new(Closer(shared.clone())),
                 shared,
+                damage: damage.map(Arc::from),
             },
             records,
             handle,
@@ -364,6 +390,12 @@ impl Store {
         if lazy && was_empty {
             self.shared.wake.notify_one();
         }
+    }
+
+    /// What the journals lost while the daemon was stopped, if they were found damaged at open:
+    /// said in `till status` until the next start, and raised as the `store_damaged` alert.
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.as_deref()
     }
 
     /// Why the store's last write failed, while no write has succeeded since.
@@ -674,6 +706,7 @@ impl Checkpointer {
                         Work::Checkpoint(seq, journal) if !failed => {
                             match pending.checkpoint(&db, seq) {
                                 Ok(()) => {
+                                    tracing::debug!(seq, "store checkpoint written");
                                     let (lock, cv) = &*freed;
                                     lock.lock().unwrap_or_else(|e| e.into_inner()).journals
                                         [journal] = true;
@@ -846,6 +879,64 @@ mod tests {
         assert!(!got.contains_key(&record(7, 10).0));
         assert_eq!(got[&record(1_000_005, 10).0], 5);
         assert_eq!(got[&record(299, 10).0], 9);
+    }
+
+    /// A journal damaged while the daemon was stopped: what comes before the damaged record is
+    /// replayed, what comes after is reported, not replayed, and never taken for a later write.
+    #[test]
+    fn a_damaged_journal_is_replayed_up_to_the_damage_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        for i in 1..=6 {
+            w.write(vec![record(i, 10)], true).expect("write");
+        }
+        drop(w);
+        let path = dir.path().join(JOURNALS[0]);
+        let spans = journal::record_spans(&path);
+        assert_eq!(spans.len(), 6);
+        // One byte of the third record's payload flipped, as a bad sector would.
+        let mut bytes = std::fs::read(&path).expect("journal");
+        let (at, len) = spans[2];
+        bytes[at + len - 3] ^= 0x40;
+        std::fs::write(&path, bytes).expect("damage");
+
+        let (store, records, thread) = Store::open(dir.path()).expect("reopen");
+        let damage = store.damage().expect("the damage is reported").to_owned();
+        assert!(
+            damage.contains("3 record(s) written after record 2")
+                && damage.contains("the newest is record 6"),
+            "{damage}"
+        );
+        let ids: Vec<u32> = records
+            .iter()
+            .map(|r| u32::from_be_bytes(r.id[..4].try_into().expect("id")))
+            .collect();
+        assert_eq!(ids, [1, 2], "only what came before the damage");
+        // New records are numbered past every old one still in the file.
+        let next = store.shared.writer.lock().expect("writer").next_seq;
+        assert_eq!(next, 7);
+        drop(store);
+        thread.join().expect("committer");
+
+        // Reported once: the checkpoint at that start noted the stranded records as done.
+        let (store, _, thread) = Store::open(dir.path()).expect("reopen");
+        assert!(store.damage().is_none());
+        drop(store);
+        thread.join().expect("committer");
+
+        // A write numbered so, then a crash: it is replayed, and the old records left in the file
+        // after it are not.
+        let mut w = writer(dir.path());
+        w.next_seq = next;
+        w.write(vec![record(100, 10)], true).expect("write");
+        drop(w);
+        let got = stored(dir.path());
+        assert_eq!(
+            got.keys()
+                .map(|id| u32::from_be_bytes(id[..4].try_into().expect("id")))
+                .collect::<Vec<_>>(),
+            [1, 2, 100]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -992,6 +992,99 @@ async fn a_taken_or_damaged_state_is_refused_with_what_to_do() {
     assert!(!log.contains("another tilld"), "{log}");
 }
 
+/// A journal damaged while tilld was stopped (a bad sector in the middle of what it wrote last):
+/// the next start says so, in `till status` and as the `store_damaged` alert, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_damaged_while_stopped_is_reported_at_the_next_start() {
+    let up = Upstream::start(None).await;
+    let mut d = TestDaemon::start(&up);
+    let _tmp = d.keep_dir();
+    let dir = d.dir.clone();
+    // Spend a token a few times (a durable journal record each), then kill the daemon: the
+    // journals keep what its last checkpoint (every 250 ms) does not hold yet. If a checkpoint
+    // took them all before the kill, again.
+    let (journal, at, len) = loop {
+        let mut c = d.client().await;
+        let t = c
+            .mint(mint_req("echo", &["GET /**"], 1000))
+            .await
+            .expect("mint");
+        for i in 0..4 {
+            c.call(call_req(&t.token, "GET", &format!("/j/{i}")))
+                .await
+                .expect("call");
+        }
+        d.kill9();
+        let checkpointed = d
+            .log_text()
+            .match_indices("store checkpoint written seq=")
+            .filter_map(|(i, m)| {
+                let digits: String = d.log_text()[i + m.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse::<u64>().ok()
+            })
+            .max()
+            .expect("the checkpoint at start is logged");
+        let records = journal_records(&dir);
+        let target = records
+            .iter()
+            .find(|(_, _, _, seq)| *seq > checkpointed && records.iter().any(|r| r.3 == seq + 1));
+        if let Some((journal, at, len, _)) = target {
+            break (journal.clone(), *at, *len);
+        }
+        d = TestDaemon::start_in(&dir);
+    };
+    // One byte of that record's payload flipped, as a bad sector would.
+    let mut bytes = std::fs::read(&journal).expect("journal");
+    bytes[at + len - 2] ^= 0x40;
+    std::fs::write(&journal, bytes).expect("damage");
+
+    let d2 = TestDaemon::start_in(&dir);
+    let status = d2.client().await.status().await.expect("status");
+    assert!(
+        status.warnings.iter().any(|w| w
+            .contains("cut short by a power failure) while tilld was stopped")
+            && w.contains("till revoke --all")),
+        "{:?}",
+        status.warnings
+    );
+    assert!(
+        d2.log_text().contains("alert=\"store_damaged\""),
+        "{}",
+        d2.log_text()
+    );
+    assert!(
+        d2.audit_text()
+            .lines()
+            .any(|l| l.contains("\"event\":\"alert\"") && l.contains("store_damaged: ")),
+        "{}",
+        d2.audit_text()
+    );
+    // And it serves.
+    d2.client().await.status().await.expect("status");
+}
+
+/// The records of the store's journals as they lie on disk (`journal.rs`: magic, sequence
+/// number, payload length, checksum, payload), read from offset 0: journal, offset, length, number.
+fn journal_records(dir: &std::path::Path) -> Vec<(std::path::PathBuf, usize, usize, u64)> {
+    let mut out = Vec::new();
+    for name in ["till.journal.a", "till.journal.b"] {
+        let path = dir.join("state").join(name);
+        let bytes = std::fs::read(&path).expect("journal");
+        let mut at = 0;
+        while bytes.get(at..at + 4) == Some(b"TLJ1") {
+            let seq = u64::from_be_bytes(bytes[at + 4..at + 12].try_into().expect("seq"));
+            let len =
+                32 + u32::from_be_bytes(bytes[at + 12..at + 16].try_into().expect("len")) as usize;
+            out.push((path.clone(), at, len, seq));
+            at += len;
+        }
+    }
+    out
+}
+
 /// What a [`SmallDisk`] holds: the audit trail, or the state (store and keys). One only, so a
 /// test of the one is not also, at some moment, a test of the other.
 #[derive(Clone, Copy)]

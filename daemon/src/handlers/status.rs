@@ -22,6 +22,7 @@ pub async fn handle(b: &Broker, _peer: &Peer) -> Result<Response, Refusal> {
             .into_iter()
             .chain(b.audit.failure())
             .chain(b.audit.discontinuity().map(str::to_owned))
+            .chain(b.store.damage().map(str::to_owned))
             .chain(b.stale_keys())
             .collect(),
     }))
