@@ -301,12 +301,17 @@ impl Head {
         file.write_all_at(&buf, 0)
     }
 
-    /// The recorded head, if there is one and it reads.
-    fn read(file: &File) -> Option<Head> {
+    /// The recorded head: `Ok(None)` when there is none yet (a first start, or a state dir from
+    /// before heads were kept), `Err` when the file holds something that is not one.
+    fn read(file: &File) -> Result<Option<Head>, ()> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; Self::SIZE];
-        let n = file.read_at(&mut buf, 0).ok()?;
-        serde_json::from_slice(buf[..n].trim_ascii()).ok()
+        let n = file.read_at(&mut buf, 0).map_err(|_| ())?;
+        let text = buf[..n].trim_ascii();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(text).map(Some).map_err(|_| ())
     }
 }
 
@@ -386,7 +391,19 @@ impl Audit {
             .with_context(|| format!("cannot open {}", head_path.display()))?;
         let mut discontinuity = None;
         match Head::read(&head_file) {
-            Some(head) if head.path != path.display().to_string() => {
+            Err(()) => {
+                let what = format!(
+                    "{} is damaged, so tilld cannot tell whether lines were removed from the audit \
+                     trail {} while it was stopped. `till audit verify` still checks the chain and \
+                     its signed checkpoints; the head is written again at the next checkpoint",
+                    head_path.display(),
+                    path.display(),
+                );
+                tracing::error!("{what}");
+                discontinuity = Some(Arc::from(what));
+            }
+            Ok(None) => {}
+            Ok(Some(head)) if head.path != path.display().to_string() => {
                 // The config names another file now: a trail of its own, chained from its start.
                 tracing::warn!(
                     was = %head.path,
@@ -394,8 +411,8 @@ impl Audit {
                     "the audit trail moved; the new one is a chain of its own"
                 );
             }
-            Some(head) if rotated_at(path, &head)? => (seq, prev) = (head.seq, head.hash),
-            Some(head) if !reaches(path, (seq, &prev), &head)? => {
+            Ok(Some(head)) if rotated_at(path, &head)? => (seq, prev) = (head.seq, head.hash),
+            Ok(Some(head)) if !reaches(path, (seq, &prev), &head)? => {
                 let what = format!(
                     "the audit trail {} does not reach where tilld left it (line {} at its last \
                      checkpoint; the file now ends at line {seq}): lines were removed, or the file \
@@ -410,7 +427,7 @@ impl Audit {
                 discontinuity = Some(Arc::from(what));
                 (seq, prev) = (head.seq, head.hash);
             }
-            _ => {}
+            Ok(Some(_)) => {}
         }
         let failing: Failing = Arc::new(tokio::sync::watch::Sender::new(None));
         Ok(Audit {
@@ -1189,6 +1206,21 @@ mod tests {
         assert!(a.discontinuity().is_none());
         stop(a);
         assert_eq!(chain(&moved), Ok(2));
+
+        // A head that does not read (a damaged file): said, since the check cannot be made; the
+        // trail goes on from its own last line, and the next checkpoint writes the head again.
+        let head = state.join("audit.head");
+        let mut bytes = std::fs::read(&head).expect("head");
+        bytes[..8].copy_from_slice(b"garbage!");
+        std::fs::write(&head, bytes).expect("damage");
+        let a = open(&moved);
+        let what = a.discontinuity().expect("said").to_owned();
+        assert!(what.contains("audit.head is damaged"), "{what}");
+        stop(a);
+        assert_eq!(chain(&moved), Ok(4));
+        let a = open(&moved);
+        assert!(a.discontinuity().is_none());
+        stop(a);
     }
 
     fn trail(n: u64) -> String {
