@@ -1003,7 +1003,13 @@ async fn a_journal_damaged_while_stopped_is_reported_at_the_next_start() {
     // Spend a token a few times (a durable journal record each), then kill the daemon: the
     // journals keep what its last checkpoint (every 250 ms) does not hold yet. If a checkpoint
     // took them all before the kill, again.
+    let mut tries = 0;
     let (journal, at, len) = loop {
+        tries += 1;
+        assert!(
+            tries <= 20,
+            "a checkpoint took every record before the kill, 20 times"
+        );
         let mut c = d.client().await;
         let t = c
             .mint(mint_req("echo", &["GET /**"], 1000))
