@@ -36,6 +36,10 @@ pub const STORE_DAMAGED: &str = "store_damaged";
 /// revocations and mints are refused. Raised once each time it starts failing.
 pub const STORE_UNWRITABLE: &str = "store_unwritable";
 
+/// The alert for a trail that cannot be written (a full disk): every request is refused. Raised
+/// once per failure; its own trail line cannot be written, the log, command and webhook can.
+pub const AUDIT_UNWRITABLE: &str = "audit_unwritable";
+
 /// Raises `kind` each time `failure` turns from nothing to something, saying `say(failure)`,
 /// until `shutdown`: once per failure, not once per request that meets it. Watched rather than
 /// raised by those requests, since a failure can start with none in flight (a store checkpoint
@@ -64,10 +68,6 @@ pub fn watch_failure(
         }
     });
 }
-
-/// The alert for a trail that cannot be written (a full disk): every request is refused. Raised
-/// once per failure; its own trail line cannot be written, the log, command and webhook can.
-pub const AUDIT_UNWRITABLE: &str = "audit_unwritable";
 
 #[derive(Default)]
 struct Window {

@@ -77,7 +77,7 @@ pub fn load_or_create_key(path: &Path, what: &str) -> Result<SigningKey> {
     let key = if path.exists() {
         let text = read_private_file(path)?;
         // What to do about a damaged key file, and what removing it costs.
-        let damaged = |why: String| {
+        let damaged = |why: &str| {
             let cost = if what == "signing" {
                 "every token signed with it will then be refused"
             } else {
@@ -92,12 +92,13 @@ pub fn load_or_create_key(path: &Path, what: &str) -> Result<SigningKey> {
         let raw = Zeroizing::new(
             URL_SAFE_NO_PAD
                 .decode(text.trim_ascii())
-                .map_err(|e| damaged(e.to_string()))?,
+                // Not base64's own error: it can quote a character of the key.
+                .map_err(|_| damaged("not base64url"))?,
         );
         let seed: &[u8; 32] = raw
             .as_slice()
             .try_into()
-            .map_err(|_| damaged("wrong length".into()))?;
+            .map_err(|_| damaged("wrong length"))?;
         SigningKey::from_bytes(seed)
     } else {
         let (key, encoded) = new_key()?;

@@ -283,21 +283,20 @@ impl Store {
             last = seq;
             pending.add(entries.into_iter().map(|e| (e.key, e.value)));
         }
-        let damage = stranded.iter().max().map(|&newest| {
+        let newest = stranded.iter().copied().max();
+        let damage = newest.map(|newest| {
             format!(
                 "the store's journals were damaged (or cut short by a power failure) while tilld \
-                 was stopped: {} record(s) written after record {} could not be replayed (the \
-                 newest is record {newest}). Activation \
-                 counts and revocations made in the moments before the stop may be lost, so a \
-                 token could be spent again or a revoked one used; `till revoke --all` if that \
-                 matters",
+                 was stopped: {} record(s) written after record {last} could not be replayed \
+                 (the newest is record {newest}). Activation counts and revocations made in the \
+                 moments before the stop may be lost, so a token could be spent again or a \
+                 revoked one used; `till revoke --all` if that matters",
                 stranded.len(),
-                last
             )
         });
         // New records are numbered past every stranded one, which may still be in a journal:
         // a later replay must never take an old record for a new one.
-        let next_seq = stranded.iter().copied().max().unwrap_or(last).max(last) + 1;
+        let next_seq = newest.unwrap_or(last).max(last) + 1;
         if last > after {
             tracing::info!(
                 records = last - after,

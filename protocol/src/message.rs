@@ -45,8 +45,9 @@ pub enum McpNotice {
     /// raw bytes follow this line: the host's input the daemon read but did not serve, which
     /// `till mcp` hands to the next daemon.
     Resume { pending: usize },
-    /// The requests the daemon has taken from the host and not yet answered, sent each time that
-    /// set changes. If the lifeline then breaks without a word (the daemon was killed), `till mcp`
+    /// The requests the daemon has taken from the host and not yet answered: sent 10 ms after a
+    /// request is taken (one answered sooner is never reported), and at once when a reported one
+    /// is answered. If the lifeline then breaks without a word (the daemon was killed), `till mcp`
     /// answers each of them with what happened, so the host is not left waiting. An older
     /// `till mcp` ignores this notice.
     Open { requests: Vec<OpenRequest> },

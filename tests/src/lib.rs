@@ -792,6 +792,17 @@ impl TestDaemon {
             .expect("connect to tilld")
     }
 
+    /// `till audit verify` passes on this daemon's trail.
+    pub fn assert_trail_verifies(&self) {
+        let out = self.till(&["audit", "verify"]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs the `till` CLI against this daemon.
     pub fn till(&self, args: &[&str]) -> Output {
         self.till_command(args)

@@ -1281,13 +1281,7 @@ async fn a_full_disk_refuses_with_the_reason_and_recovers() {
         .await
         .expect("served again, no restart");
     assert!(c.status().await.expect("status").warnings.is_empty());
-    let verified = daemon.till(&["audit", "verify"]);
-    assert!(
-        verified.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    daemon.assert_trail_verifies();
 }
 
 /// A full disk under the store alone (the trail elsewhere): once the store cannot write, mints and

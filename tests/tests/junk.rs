@@ -458,13 +458,7 @@ async fn junk_on_the_socket_and_the_gateway_never_takes_the_daemon_down() {
     c.write_all(&frame(br#"{"type":"status"}"#))
         .expect("status");
     check_reply(&read_frame(&mut c).expect("status reply"));
-    let verified = d.till(&["audit", "verify"]);
-    assert!(
-        verified.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    d.assert_trail_verifies();
     let log = d.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert_no_key(log.as_bytes(), "the log");

@@ -444,6 +444,17 @@ async fn an_mcp_session_outlives_a_daemon_restart() {
         .expect("the activation after the restart");
     assert!(line.contains("\"client\":\"test-agent\""), "{line}");
     assert!(!d2.log_text().contains(SECRET));
+    close(s).await;
+}
+
+/// The session is served: `list_services` answers with the configured services.
+async fn serves(s: &Session) {
+    let services = structured(&call(s, "list_services", json!({})).await);
+    assert!(services.to_string().contains("\"echo\""), "{services}");
+}
+
+/// Ends a session shared with calls that are done by now.
+async fn close(s: std::sync::Arc<Session>) {
     std::sync::Arc::into_inner(s)
         .expect("no other holder")
         .cancel()
@@ -604,8 +615,7 @@ async fn an_mcp_session_outlives_a_restart_on_socket_activated_sockets() {
     structured(&call(&s, "list_services", json!({})).await);
     assert!(d.terminate().success());
     let d2 = TestDaemon::start_activated(dir, &[fd1, fd2]);
-    let services = structured(&call(&s, "list_services", json!({})).await);
-    assert!(services.to_string().contains("\"echo\""), "{services}");
+    serves(&s).await;
     assert!(d2.log_text().contains("resuming an agent host's session"));
     s.cancel().await.expect("close");
 }
@@ -655,14 +665,9 @@ async fn a_request_a_killed_daemon_was_serving_is_answered_with_what_happened() 
         "{msg}"
     );
     let d2 = TestDaemon::start_in(&d.dir);
-    let services = structured(&call(&s, "list_services", json!({})).await);
-    assert!(services.to_string().contains("\"echo\""), "{services}");
+    serves(&s).await;
     assert!(!d2.log_text().contains(SECRET));
-    std::sync::Arc::into_inner(s)
-        .expect("no other holder")
-        .cancel()
-        .await
-        .expect("close");
+    close(s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

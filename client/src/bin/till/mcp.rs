@@ -354,19 +354,15 @@ fn hand_off(
             Ok(McpNotice::End) => return Ok(Handed::Ended),
             Ok(McpNotice::Resume { pending }) if pending <= MCP_MAX_LINE_BYTES => {
                 let mut bytes = vec![0u8; pending];
-                // Every request it took was answered before this.
-                let unanswered = Vec::new();
-                return match reader.read_exact(&mut bytes) {
-                    Ok(()) => Ok(Handed::Lost {
-                        pending: bytes,
-                        unanswered,
-                    }),
+                if reader.read_exact(&mut bytes).is_err() {
                     // Cut short: the rest went with the daemon; the next one gets what is left.
-                    Err(_) => Ok(Handed::Lost {
-                        pending: Vec::new(),
-                        unanswered,
-                    }),
-                };
+                    bytes.clear();
+                }
+                // Every request it took was answered before this.
+                return Ok(Handed::Lost {
+                    pending: bytes,
+                    unanswered: Vec::new(),
+                });
             }
             // A notice from a newer daemon, or one this cannot hold: the session goes on.
             _ => {}
